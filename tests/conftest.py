@@ -1,0 +1,51 @@
+"""Shared fixtures: every test gets its own data directory and drives the real typer app through a runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+REFERENCE = SHARED / "reference"
+BERT_VOCAB = SHARED / "fixtures" / "bert-base-uncased-vocab.txt"
+
+
+@pytest.fixture(autouse=True)
+def data_home(tmp_path_factory, monkeypatch) -> Path:
+    """A fresh data directory (``LDM_HOME``) per test, never the user's; network-forbidding variables cleared."""
+    home = tmp_path_factory.mktemp("ldm_home")
+    monkeypatch.setenv("LDM_HOME", str(home))
+    for var in ("LDM_OFFLINE", "LDM_MIRROR", "LDM_DEBUG"):
+        monkeypatch.delenv(var, raising=False)
+    from ldmcli import paths
+
+    paths.set_data_dir(None)
+    paths.set_offline(False)
+    return home
+
+
+class CliResult:
+    def __init__(self, result):
+        self.exit_code = result.exit_code
+        self.stdout = result.stdout
+        self.stderr = result.stderr
+        self.exception = result.exception
+
+    def __repr__(self) -> str:
+        return f"<CliResult exit={self.exit_code} stdout={self.stdout[-2000:]!r} stderr={self.stderr[-2000:]!r}>"
+
+
+@pytest.fixture
+def cli():
+    """``cli("download", "--list")`` runs the real app in-process and returns exit code, stdout and stderr."""
+    from typer.testing import CliRunner
+
+    from ldmcli.cli import app
+
+    def run(*args: str, input: str | None = None, env: dict | None = None) -> CliResult:
+        runner = CliRunner()
+        return CliResult(runner.invoke(app, [str(a) for a in args], input=input, env=env, catch_exceptions=True))
+
+    return run
