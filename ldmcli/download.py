@@ -1,0 +1,474 @@
+"""The download engine: resumable, retrying, locked, atomic HTTP downloads and safe zip extraction.
+
+A transfer writes ``<final>.part`` under the file lock ``<final>.lock``; the partial survives Ctrl-C, a dropped
+connection or a killed process, and the next call continues it with an HTTP Range request (a server that answers 200
+instead of 206 restarts it from zero). Connection errors, timeouts and 5xx are retried with exponential backoff; a 4xx
+fails at once. The size is checked against Content-Length / Content-Range, the sha256 is computed incrementally
+(including a resumed prefix), md5/sha256 are checked where known, and only then is the file renamed to its final name.
+Zip archives are extracted entry by entry into a temporary folder next to the target, rejecting ``..``, absolute
+paths, links and special files, and renamed into place only when everything extracted cleanly.
+
+Library code: progress goes through ``progress(done_bytes, total_bytes_or_None, file_name)``; nothing is printed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import stat
+import tempfile
+import time
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+from filelock import FileLock
+
+from ldmcli import paths
+from ldmcli.errors import DownloadError, UsageError
+
+ProgressCallback = Callable[[int, "int | None", str], None]
+
+CHUNK = 1 << 20
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard to try: ``attempts`` tries without progress, sleeping ``backoff * factor**k`` (capped) in between."""
+
+    attempts: int = 6
+    backoff: float = 1.0
+    factor: float = 2.0
+    max_backoff: float = 60.0
+    connect_timeout: float = 20.0
+    read_timeout: float = 60.0
+
+    def delay(self, failures: int) -> float:
+        return min(self.max_backoff, self.backoff * self.factor ** max(0, failures - 1))
+
+
+def default_policy() -> RetryPolicy:
+    """The policy from the environment: ``LDM_DOWNLOAD_RETRIES``, ``LDM_DOWNLOAD_BACKOFF``, ``LDM_DOWNLOAD_TIMEOUT``."""
+    env = os.environ
+
+    def number(var: str, default: float, cast: type = float) -> Any:
+        raw = env.get(var, "").strip()
+        if not raw:
+            return default
+        try:
+            value = cast(raw)
+        except ValueError:
+            raise UsageError(f"{var}={raw!r} is not a number") from None
+        if value < 0:
+            raise UsageError(f"{var}={raw!r} must not be negative")
+        return value
+
+    timeout = number("LDM_DOWNLOAD_TIMEOUT", 60.0)
+    return RetryPolicy(
+        attempts=1 + number("LDM_DOWNLOAD_RETRIES", 5, int),
+        backoff=number("LDM_DOWNLOAD_BACKOFF", 1.0),
+        connect_timeout=min(timeout, 20.0) if timeout else 20.0,
+        read_timeout=timeout,
+    )
+
+
+def mirror_url(url: str, mirror: str | None = None) -> str:
+    """Apply ``LDM_MIRROR`` (or ``mirror``): replace scheme and host of ``url``, keep its path and query.
+
+    A mirror with a path prefix (``http://host/prefix``) puts that prefix in front of the original path.
+    """
+    mirror = os.environ.get("LDM_MIRROR", "").strip() if mirror is None else mirror.strip()
+    if not mirror:
+        return url
+    m = urlsplit(mirror)
+    if m.scheme not in {"http", "https"} or not m.netloc:
+        raise UsageError(f"LDM_MIRROR={mirror!r} is not an http(s) base URL")
+    u = urlsplit(url)
+    return urlunsplit((m.scheme, m.netloc, m.path.rstrip("/") + u.path, u.query, ""))
+
+
+def free_bytes(path: Path) -> int:
+    """Free disk space at ``path`` (or its nearest existing parent), in bytes."""
+    path = Path(path)
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def human(n: int | None) -> str:
+    """``1234567`` -> ``'1.2 MB'`` (decimal units, like the upstream README's sizes)."""
+    if n is None:
+        return "?"
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{n} B"
+
+
+def check_space(folder: Path, needed: int) -> None:
+    """Raise :class:`DownloadError` naming the needed and free sizes when ``folder`` cannot hold ``needed`` bytes."""
+    free = free_bytes(folder)
+    if needed > free:
+        raise DownloadError(f"not enough disk space in {folder}: need {human(needed)}, {human(free)} free")
+
+
+@contextlib.contextmanager
+def locked(target: Path) -> Iterator[None]:
+    """Hold the per-target lock ``<target>.lock`` (an OS lock: released even if the process is killed)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(target) + ".lock")
+    with lock:
+        yield
+
+
+def part_path(target: Path) -> Path:
+    """Where the partial download of ``target`` lives until it is complete."""
+    return target.with_name(target.name + ".part")
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """A completed download: its final path, sha256, size, the offset it resumed from and the URL used."""
+
+    path: Path
+    sha256: str
+    size: int
+    resumed_from: int
+    url: str
+
+
+class _Transient(Exception):
+    """A failure worth retrying (5xx, a connection closed early)."""
+
+
+def _hash_file(path: Path, algorithms: tuple[str, ...], limit: int | None = None) -> dict[str, Any]:
+    hashers = {a: hashlib.new(a) for a in algorithms}
+    remaining = limit
+    with open(path, "rb") as f:
+        while remaining is None or remaining > 0:
+            block = f.read(CHUNK if remaining is None else min(CHUNK, remaining))
+            if not block:
+                break
+            for h in hashers.values():
+                h.update(block)
+            if remaining is not None:
+                remaining -= len(block)
+    return hashers
+
+
+def sha256_file(path: Path, progress: ProgressCallback | None = None) -> str:
+    """The sha256 hex digest of a file, read in 1 MiB blocks (progress reported per block)."""
+    h = hashlib.sha256()
+    total = path.stat().st_size
+    done = 0
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+            done += len(block)
+            if progress is not None:
+                progress(done, total, path.name)
+    return h.hexdigest()
+
+
+def _content_range(value: str | None) -> tuple[int, int | None] | None:
+    """``'bytes 100-199/200'`` -> ``(100, 200)``; None when it cannot be parsed."""
+    if not value:
+        return None
+    try:
+        unit, rest = value.strip().split(" ", 1)
+        span, total = rest.split("/", 1)
+        start = int(span.split("-", 1)[0])
+        return start, (None if total.strip() == "*" else int(total))
+    except ValueError:
+        return None
+
+
+def _retryable() -> tuple[type[BaseException], ...]:
+    import requests
+    import urllib3
+
+    return (
+        requests.ConnectionError,
+        requests.Timeout,
+        requests.exceptions.ChunkedEncodingError,
+        requests.exceptions.ContentDecodingError,
+        urllib3.exceptions.HTTPError,
+        _Transient,
+    )
+
+
+def fetch(
+    url: str,
+    target: Path,
+    *,
+    md5: str | None = None,
+    sha256: str | None = None,
+    extra_space: int = 0,
+    size_hint: int | None = None,
+    policy: RetryPolicy | None = None,
+    progress: ProgressCallback | None = None,
+    lock: bool = True,
+    sleep: Callable[[float], None] = time.sleep,
+) -> FetchResult:
+    """Download ``url`` to ``target``: resumable (``<target>.part``), retried, size- and checksum-checked, atomic.
+
+    ``extra_space`` is added to the free-space requirement (e.g. room to extract an archive); ``size_hint`` is used
+    for that check when the server sends no length. ``lock=False`` when the caller already holds :func:`locked`.
+    """
+    if lock:
+        with locked(target):
+            return fetch(url, target, md5=md5, sha256=sha256, extra_space=extra_space, size_hint=size_hint,
+                         policy=policy, progress=progress, lock=False, sleep=sleep)
+    import requests
+
+    policy = policy or default_policy()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = part_path(target)
+    algorithms = ("sha256", "md5") if md5 else ("sha256",)
+    name = target.name
+    retryable = _retryable()
+    failures = 0
+    first_offset: int | None = None
+    hashed: tuple[int, dict[str, Any]] | None = None  # (bytes hashed, hashers) carried across retries
+    restarted_416 = False
+
+    with requests.Session() as session:
+        while True:
+            offset = part.stat().st_size if part.exists() else 0
+            if first_offset is None:
+                first_offset = offset
+            headers = {"Accept-Encoding": "identity"}
+            if offset:
+                headers["Range"] = f"bytes={offset}-"
+            received = 0
+            try:
+                with session.get(url, headers=headers, stream=True, allow_redirects=True,
+                                 timeout=(policy.connect_timeout, policy.read_timeout or None)) as resp:
+                    status = resp.status_code
+                    if status == 416 and offset and not restarted_416:
+                        part.unlink()  # the partial is not a prefix of this file: start over once
+                        restarted_416 = True
+                        hashed = None
+                        continue
+                    if 400 <= status < 500:
+                        raise DownloadError(f"{url}: HTTP {status} {resp.reason or ''}".rstrip())
+                    if status >= 500:
+                        raise _Transient(f"HTTP {status} {resp.reason or ''}".rstrip())
+                    if status == 206:
+                        rng = _content_range(resp.headers.get("Content-Range"))
+                        if rng is None or rng[0] != offset:
+                            raise _Transient(f"bad Content-Range {resp.headers.get('Content-Range')!r}")
+                        total = rng[1]
+                        mode = "ab"
+                    elif status == 200:
+                        offset = 0  # the server ignored Range (or none was sent): start from zero
+                        hashed = None
+                        length = resp.headers.get("Content-Length")
+                        total = int(length) if length and length.isdigit() else None
+                        mode = "wb"
+                    else:
+                        raise DownloadError(f"{url}: unexpected HTTP {status} {resp.reason or ''}".rstrip())
+
+                    needed = (total - offset if total is not None else max(0, (size_hint or 0) - offset))
+                    check_space(target.parent, needed + extra_space)
+
+                    if hashed is None or hashed[0] != offset:
+                        hashers = _hash_file(part, algorithms, offset) if offset else \
+                            {a: hashlib.new(a) for a in algorithms}
+                    else:
+                        hashers = hashed[1]
+                    done = offset
+                    if progress is not None:
+                        progress(done, total, name)
+                    with open(part, mode) as f:
+                        try:
+                            for block in resp.iter_content(CHUNK):
+                                if not block:
+                                    continue
+                                f.write(block)
+                                for h in hashers.values():
+                                    h.update(block)
+                                done += len(block)
+                                received += len(block)
+                                if progress is not None:
+                                    progress(done, total, name)
+                        finally:
+                            f.flush()
+                            os.fsync(f.fileno())
+                            hashed = (done, hashers)
+                    if total is not None and done < total:
+                        raise _Transient(f"connection closed after {done} of {total} bytes")
+                    if total is not None and done > total:
+                        part.unlink()
+                        raise DownloadError(f"{url}: received {done} bytes, expected {total}")
+            except retryable as e:
+                failures = 1 if received else failures + 1  # progress resets the count: a flaky link still finishes
+                if failures >= policy.attempts:
+                    have = part.stat().st_size if part.exists() else 0
+                    raise DownloadError(
+                        f"{url}: {_describe(e)} (gave up after {failures} attempt(s); "
+                        f"{human(have)} kept in {part.name}, rerun to resume)"
+                    ) from e
+                sleep(policy.delay(failures))
+                continue
+            break
+
+    digests = {a: h.hexdigest() for a, h in hashers.items()}
+    for algorithm, expected in (("md5", md5), ("sha256", sha256)):
+        if expected and not digests[algorithm].startswith(expected.lower()):
+            part.unlink()
+            raise DownloadError(f"{url}: {algorithm} mismatch (got {digests[algorithm]}, expected {expected}); "
+                                "the partial file was deleted")
+    os.replace(part, target)
+    return FetchResult(path=target, sha256=digests["sha256"], size=done, resumed_from=first_offset or 0, url=url)
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+# ---------------------------------------------------------------------------------------------------- archives
+
+
+def _safe_member(info: zipfile.ZipInfo) -> PurePosixPath | None:
+    """The member's relative path, or raise for anything that could escape or is not a plain file/folder."""
+    raw = info.filename
+    if "\\" in raw:
+        raise DownloadError(f"archive entry {raw!r} uses backslashes")
+    path = PurePosixPath(raw)
+    if raw.startswith("/") or path.is_absolute() or (path.parts and ":" in path.parts[0]):
+        raise DownloadError(f"archive entry {raw!r} is an absolute path")
+    if any(part == ".." for part in path.parts):
+        raise DownloadError(f"archive entry {raw!r} points outside the target folder")
+    mode = (info.external_attr >> 16) & 0xFFFF
+    kind = stat.S_IFMT(mode)
+    if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+        raise DownloadError(f"archive entry {raw!r} is a link or special file")
+    parts = [p for p in path.parts if p not in ("", ".")]
+    return PurePosixPath(*parts) if parts else None
+
+
+def extract_zip(
+    archive: Path,
+    dest: Path,
+    *,
+    required: tuple[str, ...] = (),
+    progress: ProgressCallback | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Safely extract the zip ``archive`` into ``dest``; return ``{relative path: {sha256, size}}`` of its files.
+
+    Everything is extracted into a temporary folder next to ``dest`` first (checking each entry, CRCs and
+    ``required`` paths), then each top-level item is renamed into ``dest``; on any failure nothing is left behind.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.extract-", dir=dest.parent))
+    records: dict[str, dict[str, Any]] = {}
+    try:
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                infos = zf.infolist()
+                members = [(info, _safe_member(info)) for info in infos]
+                total = sum(info.file_size for info in infos)
+                check_space(dest.parent, total)
+                seen: set[PurePosixPath] = set()
+                done = 0
+                for info, rel in members:
+                    if rel is None:
+                        continue
+                    if rel in seen:
+                        raise DownloadError(f"archive entry {info.filename!r} appears twice")
+                    seen.add(rel)
+                    out = tmp.joinpath(*rel.parts)
+                    if info.is_dir():
+                        out.mkdir(parents=True, exist_ok=True)
+                        continue
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    h = hashlib.sha256()
+                    size = 0
+                    with zf.open(info) as src, open(out, "wb") as dst:
+                        while block := src.read(CHUNK):
+                            dst.write(block)
+                            h.update(block)
+                            size += len(block)
+                            done += len(block)
+                            if progress is not None:
+                                progress(done, total, archive.name)
+                    records[rel.as_posix()] = {"sha256": h.hexdigest(), "size": size}
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, ValueError) as e:
+            raise DownloadError(f"{archive.name} is not a valid zip archive ({_describe(e)})") from e
+        missing = [r for r in required if not tmp.joinpath(*r.split("/")).exists()]
+        if missing:
+            found = sorted(p.name for p in tmp.iterdir())
+            raise DownloadError(f"{archive.name} does not contain {', '.join(missing)} "
+                                f"(top level: {', '.join(found) or 'nothing'})")
+        for item in sorted(tmp.iterdir()):
+            target = dest / item.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+            os.replace(item, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return records
+
+
+def remove_stale_extractions(dest: Path) -> None:
+    """Delete temporary extraction folders a killed process left next to ``dest``."""
+    if dest.parent.is_dir():
+        for stale in dest.parent.glob(f".{dest.name}.extract-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------- manifest
+
+
+def manifest_path() -> Path:
+    """``<data dir>/manifest.json``: the sha256 and size of every completed download, by path under the data dir."""
+    return paths.data_dir() / MANIFEST
+
+
+def read_manifest() -> dict[str, Any]:
+    """The manifest (``{"version": 1, "files": {relpath: {...}}}``); empty when there is none yet."""
+    path = manifest_path()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        data = {}
+    except (OSError, json.JSONDecodeError) as e:
+        raise DownloadError(f"cannot read {path}: {_describe(e)} (delete it to start a new manifest)") from e
+    data.setdefault("version", 1)
+    data.setdefault("files", {})
+    return data
+
+
+def update_manifest(records: dict[str, dict[str, Any]] | None = None, remove: list[str] | tuple[str, ...] = ()) -> None:
+    """Add/replace ``records`` and drop ``remove`` keys, atomically (temp file + rename) under ``manifest.json.lock``."""
+    path = manifest_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        data = read_manifest()
+        for key in remove:
+            data["files"].pop(key, None)
+        data["files"].update(records or {})
+        data["files"] = dict(sorted(data["files"].items()))
+        fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=1)
+                f.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
