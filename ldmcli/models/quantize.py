@@ -88,7 +88,7 @@ class VectorQuantizer(nn.Module):
         return new.reshape(ishape)
 
     def unmap_to_all(self, inds: torch.Tensor) -> torch.Tensor:
-        """Positions in ``used`` (batch first) -> full codebook indices; the "extra" index maps to code 0."""
+        """Positions in ``used`` (batch first) -> full codebook indices; the "extra" index maps to ``used[0]``."""
         ishape = inds.shape
         assert len(ishape) > 1
         inds = inds.reshape(ishape[0], -1).clone()
