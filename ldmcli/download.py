@@ -291,9 +291,8 @@ def fetch(
                         progress(done, total, name)
                     with open(part, mode) as f:
                         try:
-                            for block in resp.iter_content(CHUNK):
-                                if not block:
-                                    continue
+                            # read1: whatever arrived, so a dropped connection keeps every byte it delivered
+                            while block := resp.raw.read1(CHUNK):
                                 f.write(block)
                                 for h in hashers.values():
                                     h.update(block)
@@ -402,7 +401,7 @@ def extract_zip(
                             size += len(block)
                             done += len(block)
                             if progress is not None:
-                                progress(done, total, archive.name)
+                                progress(done, total, f"extracting {archive.name}")
                     records[rel.as_posix()] = {"sha256": h.hexdigest(), "size": size}
         except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, ValueError) as e:
             raise DownloadError(f"{archive.name} is not a valid zip archive ({_describe(e)})") from e

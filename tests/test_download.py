@@ -1,0 +1,330 @@
+"""The download engine against a real local HTTP server with injected faults, and the ``ldm download`` command."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import stat
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from httpserver import file_server, mirror  # noqa: F401  (fixtures)
+from ldmcli import download, paths
+from ldmcli.download import RetryPolicy
+from ldmcli.errors import DownloadError, UsageError
+
+FAST = RetryPolicy(attempts=3, backoff=0.0, connect_timeout=5, read_timeout=5)
+ONCE = RetryPolicy(attempts=1, backoff=0.0, connect_timeout=5, read_timeout=5)
+
+
+def payload(n: int, seed: int = 0) -> bytes:
+    out = bytearray()
+    block = hashlib.sha256(str(seed).encode()).digest()
+    while len(out) < n:
+        block = hashlib.sha256(block).digest()
+        out += block * 64
+    return bytes(out[:n])
+
+
+def make_zip(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+# ------------------------------------------------------------------------------------------------- fetch
+
+
+def test_fetch_writes_file_records_sha256_and_reports_progress(file_server, tmp_path):
+    data = payload(300_000)
+    url = file_server.add("/f/a.bin", data)
+    seen = []
+    result = download.fetch(url, tmp_path / "a.bin", policy=FAST, progress=lambda d, t, n: seen.append((d, t, n)))
+    assert (tmp_path / "a.bin").read_bytes() == data
+    assert result.sha256 == hashlib.sha256(data).hexdigest() and result.size == len(data)
+    assert seen[-1] == (len(data), len(data), "a.bin")
+    assert not (tmp_path / "a.bin.part").exists()
+
+
+def test_dropped_connection_leaves_partial_and_rerun_resumes_byte_identical(file_server, tmp_path):
+    data = payload(500_000, seed=1)
+    url = file_server.add("/f/b.bin", data)
+    file_server.fault("/f/b.bin", "drop", after=200_000)
+    target = tmp_path / "b.bin"
+    with pytest.raises(DownloadError, match="rerun to resume"):
+        download.fetch(url, target, policy=ONCE)
+    assert not target.exists()
+    assert (tmp_path / "b.bin.part").stat().st_size == 200_000
+    result = download.fetch(url, target, policy=ONCE)
+    assert file_server.gets("/f/b.bin")[-1].range == "bytes=200000-"
+    assert target.read_bytes() == data
+    assert result.resumed_from == 200_000 and result.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_dropped_connection_is_retried_with_range_in_the_same_call(file_server, tmp_path):
+    data = payload(400_000, seed=2)
+    url = file_server.add("/f/c.bin", data)
+    file_server.fault("/f/c.bin", "drop", after=100_000)
+    download.fetch(url, tmp_path / "c.bin", policy=FAST, sleep=lambda s: None)
+    assert [r.range for r in file_server.gets("/f/c.bin")] == [None, "bytes=100000-"]
+    assert (tmp_path / "c.bin").read_bytes() == data
+
+
+def test_server_ignoring_range_restarts_from_zero(file_server, tmp_path):
+    data = payload(200_000, seed=3)
+    url = file_server.add("/f/d.bin", data)
+    file_server.ignore_range.add("/f/d.bin")
+    (tmp_path / "d.bin.part").write_bytes(b"x" * 50_000)  # a partial that must not be kept
+    download.fetch(url, tmp_path / "d.bin", policy=FAST)
+    assert file_server.gets("/f/d.bin")[0].range == "bytes=50000-"
+    assert (tmp_path / "d.bin").read_bytes() == data
+
+
+def test_500_then_200_is_retried_with_backoff(file_server, tmp_path):
+    data = payload(10_000, seed=4)
+    url = file_server.add("/f/e.bin", data)
+    file_server.fault("/f/e.bin", "status", code=500)
+    file_server.fault("/f/e.bin", "status", code=503)
+    sleeps = []
+    policy = RetryPolicy(attempts=4, backoff=0.5, factor=2.0, connect_timeout=5, read_timeout=5)
+    download.fetch(url, tmp_path / "e.bin", policy=policy, sleep=sleeps.append)
+    assert sleeps == [0.5, 1.0]
+    assert len(file_server.gets("/f/e.bin")) == 3
+    assert (tmp_path / "e.bin").read_bytes() == data
+
+
+def test_persistent_5xx_gives_up_with_one_line_error(file_server, tmp_path):
+    url = file_server.add("/f/f.bin", b"data")
+    for _ in range(3):
+        file_server.fault("/f/f.bin", "status", code=502)
+    with pytest.raises(DownloadError) as e:
+        download.fetch(url, tmp_path / "f.bin", policy=FAST, sleep=lambda s: None)
+    assert "502" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "f.bin").exists()
+
+
+def test_404_is_immediate_clear_error_and_nothing_is_written(file_server, tmp_path):
+    url = file_server.url + "/missing.bin"
+    with pytest.raises(DownloadError) as e:
+        download.fetch(url, tmp_path / "m.bin", policy=FAST, sleep=lambda s: pytest.fail("4xx must not retry"))
+    assert url in str(e.value) and "404" in str(e.value)
+    assert leftovers(tmp_path) == ["m.bin.lock"]
+    assert len(file_server.gets("/missing.bin")) == 1
+
+
+def test_checksum_mismatch_deletes_partial(file_server, tmp_path):
+    url = file_server.add("/f/g.bin", b"hello")
+    with pytest.raises(DownloadError, match="md5 mismatch"):
+        download.fetch(url, tmp_path / "g.bin", md5="0" * 32, policy=FAST)
+    assert leftovers(tmp_path) == ["g.bin.lock"]
+    r = download.fetch(url, tmp_path / "g.bin", md5=hashlib.md5(b"hello").hexdigest(),
+                       sha256=hashlib.sha256(b"hello").hexdigest()[:8], policy=FAST)
+    assert r.path.read_bytes() == b"hello"
+
+
+def test_disk_space_is_checked_before_transfer(file_server, tmp_path, monkeypatch):
+    url = file_server.add("/f/h.bin", payload(2_000_000))
+    monkeypatch.setattr(download, "free_bytes", lambda path: 1_000_000)
+    with pytest.raises(DownloadError) as e:
+        download.fetch(url, tmp_path / "h.bin", policy=FAST)
+    msg = str(e.value)
+    assert "need 2.0 MB" in msg and "1.0 MB free" in msg
+    assert leftovers(tmp_path) == ["h.bin.lock"]
+
+
+def test_mirror_url_replaces_scheme_and_host_keeps_path_and_query(monkeypatch):
+    url = "https://heibox.uni-heidelberg.de/f/4d9ac7ea40c64582b7c9/?dl=1"
+    assert download.mirror_url(url) == url
+    monkeypatch.setenv("LDM_MIRROR", "http://127.0.0.1:9/base/")
+    assert download.mirror_url(url) == "http://127.0.0.1:9/base/f/4d9ac7ea40c64582b7c9/?dl=1"
+    assert download.mirror_url("https://ommer-lab.com/files/latent-diffusion/kl-f8.zip", "https://m.example") == \
+        "https://m.example/files/latent-diffusion/kl-f8.zip"
+    monkeypatch.setenv("LDM_MIRROR", "ftp:/nope")
+    with pytest.raises(UsageError):
+        download.mirror_url(url)
+
+
+def test_policy_from_environment(monkeypatch):
+    monkeypatch.setenv("LDM_DOWNLOAD_RETRIES", "0")
+    monkeypatch.setenv("LDM_DOWNLOAD_BACKOFF", "0.25")
+    policy = download.default_policy()
+    assert policy.attempts == 1 and policy.backoff == 0.25
+    monkeypatch.setenv("LDM_DOWNLOAD_RETRIES", "many")
+    with pytest.raises(UsageError):
+        download.default_policy()
+
+
+# ------------------------------------------------------------------------------------------------ archives
+
+
+def test_extract_zip_places_files_and_hashes_them(tmp_path):
+    archive = tmp_path / "ok.zip"
+    archive.write_bytes(make_zip({"model.ckpt": b"weights", "sub/x.txt": b"x"}))
+    dest = tmp_path / "dest"
+    records = download.extract_zip(archive, dest, required=("model.ckpt",))
+    assert (dest / "model.ckpt").read_bytes() == b"weights" and (dest / "sub" / "x.txt").read_bytes() == b"x"
+    assert records["model.ckpt"] == {"sha256": hashlib.sha256(b"weights").hexdigest(), "size": 7}
+    assert leftovers(tmp_path) == ["dest", "ok.zip"]
+
+
+def _zip_with(info: zipfile.ZipInfo, data: bytes = b"evil") -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("model.ckpt", b"fine")
+        zf.writestr(info, data)
+    return buf.getvalue()
+
+
+def _symlink_info() -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo("link")
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    return info
+
+
+@pytest.mark.parametrize("bad", [
+    zipfile.ZipInfo("../escape.txt"),
+    zipfile.ZipInfo("a/../../escape.txt"),
+    zipfile.ZipInfo("/abs.txt"),
+    _symlink_info(),
+])
+def test_extract_zip_rejects_escaping_entries_and_leaves_nothing(tmp_path, bad):
+    archive = tmp_path / "evil.zip"
+    archive.write_bytes(_zip_with(bad, b"/etc/passwd"))
+    dest = tmp_path / "a" / "dest"
+    with pytest.raises(DownloadError, match="archive entry"):
+        download.extract_zip(archive, dest)
+    assert leftovers(dest) == [] and leftovers(tmp_path / "a") == ["dest"]
+    assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "a" / "escape.txt").exists()
+
+
+def test_truncated_zip_is_rejected_and_leaves_nothing(tmp_path):
+    data = make_zip({"model.ckpt": payload(100_000)})
+    archive = tmp_path / "t.zip"
+    archive.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DownloadError, match="not a valid zip"):
+        download.extract_zip(archive, tmp_path / "dest")
+    assert leftovers(tmp_path / "dest") == [] and leftovers(tmp_path) == ["dest", "t.zip"]
+
+
+def test_zip_with_corrupt_member_is_rejected(tmp_path):
+    data = bytearray(make_zip({"model.ckpt": payload(50_000)}))
+    data[100] ^= 0xFF  # inside the compressed member: CRC/zlib failure while extracting
+    archive = tmp_path / "c.zip"
+    archive.write_bytes(bytes(data))
+    with pytest.raises(DownloadError):
+        download.extract_zip(archive, tmp_path / "dest")
+    assert leftovers(tmp_path / "dest") == [] and leftovers(tmp_path) == ["c.zip", "dest"]
+
+
+def test_zip_missing_required_content_is_rejected(tmp_path):
+    archive = tmp_path / "w.zip"
+    archive.write_bytes(make_zip({"other.ckpt": b"x"}))
+    with pytest.raises(DownloadError, match=r"does not contain model.ckpt \(top level: other.ckpt\)"):
+        download.extract_zip(archive, tmp_path / "dest", required=("model.ckpt",))
+    assert leftovers(tmp_path / "dest") == []
+
+
+def test_manifest_updates_merge_and_stay_valid_json():
+    download.update_manifest({"a/x": {"sha256": "1", "size": 1}})
+    download.update_manifest({"b/y": {"sha256": "2", "size": 2}})
+    download.update_manifest(remove=["a/x"])
+    data = json.loads((paths.data_dir() / "manifest.json").read_text())
+    assert data["files"] == {"b/y": {"sha256": "2", "size": 2}}
+    assert [p.name for p in paths.data_dir().iterdir() if p.name.startswith(".manifest")] == []
+
+
+# ------------------------------------------------------------------------------------------------- the CLI
+
+
+def serve_kl_f8(server, ckpt: bytes = b"kl-f8 weights") -> None:
+    server.add("/files/latent-diffusion/kl-f8.zip", make_zip({"model.ckpt": ckpt}))
+
+
+def test_cli_downloads_then_skips(cli, mirror):
+    serve_kl_f8(mirror)
+    r = cli("download", "kl-f8")
+    assert r.exit_code == 0, r
+    ckpt = paths.first_stage_dir("kl-f8") / "model.ckpt"
+    assert ckpt.read_bytes() == b"kl-f8 weights"
+    assert "kl-f8: downloaded model.zip" in r.stderr and r.stdout == ""
+    r = cli("download", "kl-f8")
+    assert r.exit_code == 0 and "already complete" in r.stderr
+    assert len(mirror.gets("/files/latent-diffusion/kl-f8.zip")) == 1
+    r = cli("download", "--force", "--quiet", "kl-f8")
+    assert r.exit_code == 0 and r.stderr == ""
+    assert len(mirror.gets("/files/latent-diffusion/kl-f8.zip")) == 2
+
+
+def test_cli_unknown_name_is_usage_error_with_close_matches(cli, mirror):
+    r = cli("download", "kl-f9")
+    assert r.exit_code == 2, r
+    assert r.stderr.strip().count("\n") == 0 and "kl-f8" in r.stderr
+    assert mirror.log == []
+
+
+def test_cli_404_is_one_line_failure(cli, mirror):
+    r = cli("download", "kl-f8")
+    assert r.exit_code == 1, r
+    assert r.stderr.startswith("ldm: error:") and "404" in r.stderr and "kl-f8.zip" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (paths.first_stage_dir("kl-f8") / "model.ckpt").exists()
+
+
+def test_cli_list_and_json(cli, mirror):
+    serve_kl_f8(mirror)
+    assert cli("download", "-q", "kl-f8").exit_code == 0
+    r = cli("download", "--json")
+    assert r.exit_code == 0, r
+    rows = {row["name"]: row for row in json.loads(r.stdout)}
+    assert len(rows) == 29 and rows["kl-f8"]["downloaded"] is True and rows["kl-f4"]["downloaded"] is False
+    assert rows["txt2img-f8-large"]["size"] == 5_700_000_000 and rows["txt2img-f8-large"]["kind"] == "ldm"
+    r = cli("download", "--list", "first-stages")
+    assert r.exit_code == 0, r
+    lines = [line for line in r.stdout.splitlines() if line.strip()]
+    assert len(lines) == 10  # header + 9 first stages
+    assert any(line.split()[:2] == ["kl-f8", "first"] and " yes " in line for line in lines)
+    assert any(line.startswith("vq-f16") and " no " in line for line in lines)
+
+
+def test_cli_verify_detects_corruption(cli, mirror):
+    serve_kl_f8(mirror, b"original weights")
+    assert cli("download", "-q", "kl-f8").exit_code == 0
+    r = cli("download", "--verify")
+    assert r.exit_code == 0 and "kl-f8: ok" in r.stderr, r
+    (paths.first_stage_dir("kl-f8") / "model.ckpt").write_bytes(b"Original weights")  # same size, other bytes
+    r = cli("download", "--verify", "kl-f8")
+    assert r.exit_code == 1, r
+    assert "MISMATCH" in r.stderr and "ldm download --force kl-f8" in r.stderr
+
+
+def test_cli_option_conflicts_and_missing_names(cli):
+    assert cli("download").exit_code == 2
+    assert cli("download", "--verify", "--force", "kl-f8").exit_code == 2
+    assert cli("download", "--list", "--force").exit_code == 2
+
+
+def test_cli_offline_names_file_and_command(cli, mirror):
+    r = cli("--offline", "download", "kl-f8")
+    assert r.exit_code == 1, r
+    assert "model.ckpt" in r.stderr and "ldm download kl-f8" in r.stderr
+    assert mirror.log == []
+
+
+def test_cli_start_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from ldmcli.cli import app; import ldmcli.commands.download; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert out.stdout.strip() == "False"
