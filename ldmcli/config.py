@@ -870,8 +870,9 @@ def _ours_first_stage(r: _Reader, value: Any, where: str, *, inside_ldm: bool) -
         if base.kind != "first_stage":
             raise r.fail(where, f"{value!r} is not a first-stage model")
         fs = base.first_stage
-        # inside an LDM: no training loss, and the VQ model encodes to its pre-quantisation latent
-        return dataclasses.replace(fs, type="vq_interface" if fs.is_vq else fs.type, loss=LossConfig("none"))
+        # inside an LDM: no training loss or its bookkeeping, and a VQ model encodes to its pre-quantisation latent
+        return dataclasses.replace(fs, type="vq_interface" if fs.is_vq else fs.type, loss=LossConfig("none"),
+                                   monitor=None, scheduler=None)
     data = r.mapping(value, where)
     if "type" not in data:
         raise r.fail(f"{where}.type", "missing required key")
