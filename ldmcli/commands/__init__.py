@@ -6,7 +6,7 @@ import importlib
 from types import ModuleType
 
 # Listed in the order `ldm --help` shows them. Add a name here only when the command works.
-COMMANDS: list[str] = ["download"]
+COMMANDS: list[str] = ["download", "build_index"]
 
 
 def implemented() -> list[ModuleType]:
