@@ -27,13 +27,21 @@ LPIPS_CHANNELS = (64, 128, 256, 512, 512)
 
 
 def _vgg16_features() -> list[nn.Module]:
+    """torchvision's ``vgg16().features`` layers. The convs start zero-filled (no random init of 14.7M weights that
+    are always replaced by pretrained ones); built on the meta device first so this costs one memset."""
     layers: list[nn.Module] = []
     in_ch = 3
+    device = torch.get_default_device()
     for item in _VGG16_CFG:
         if item == "M":
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
         else:
-            layers += [nn.Conv2d(in_ch, int(item), kernel_size=3, padding=1), nn.ReLU(inplace=False)]
+            conv = nn.Conv2d(in_ch, int(item), kernel_size=3, padding=1, device="meta").to_empty(device=device)
+            if device.type != "meta":
+                with torch.no_grad():
+                    conv.weight.zero_()
+                    conv.bias.zero_()
+            layers += [conv, nn.ReLU(inplace=False)]
             in_ch = int(item)
     return layers
 
