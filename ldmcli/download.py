@@ -451,7 +451,8 @@ def read_manifest() -> dict[str, Any]:
     return data
 
 
-def update_manifest(records: dict[str, dict[str, Any]] | None = None, remove: list[str] | tuple[str, ...] = ()) -> None:
+def update_manifest(records: dict[str, dict[str, Any]] | None = None,
+                    remove: list[str] | tuple[str, ...] = ()) -> None:
     """Add/replace ``records`` and drop ``remove`` keys, atomically (temp file + rename) under ``manifest.json.lock``."""
     path = manifest_path()
     path.parent.mkdir(parents=True, exist_ok=True)

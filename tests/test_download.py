@@ -328,3 +328,38 @@ def test_cli_start_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert out.stdout.strip() == "False"
+
+
+def test_ctrl_c_keeps_partial_and_next_call_resumes(cli, mirror, data_home):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = payload(2_000_000, seed=9)
+    mirror.add("/files/latent-diffusion/nitro/cin/model.ckpt", data)
+    mirror.throttle = 0.02
+    part = paths.ldm_dir("cin256-v2") / "model.ckpt.part"
+    env = {**os.environ, "LDM_HOME": str(data_home), "LDM_MIRROR": mirror.url,
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "ldmcli", "download", "cin256-v2"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not (part.exists() and part.stat().st_size > 300_000):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "rerun the same command to resume" in err and "Traceback" not in err
+    have = part.stat().st_size
+    mirror.throttle = 0.0
+    r = cli("download", "cin256-v2")
+    assert r.exit_code == 0, r
+    assert mirror.gets("/files/latent-diffusion/nitro/cin/model.ckpt")[-1].range == f"bytes={have}-"
+    assert f"resumed at {download.human(have)}" in r.stderr
+    assert (paths.ldm_dir("cin256-v2") / "model.ckpt").read_bytes() == data

@@ -45,8 +45,9 @@ class _PlainProgress:
         moved = self.done - self.first
         resumed = f", resumed at {download.human(self.first)}" if self.first else ""
         verb = "" if self.current.startswith("extracting ") else "downloaded "
+        speed = download.human(int(moved / seconds))
         self.console.print(f"{self.label}: {verb}{self.current} {download.human(self.done)} in {seconds:.1f} s "
-                           f"({download.human(int(moved / seconds))}/s{resumed})", markup=False)
+                           f"({speed}/s{resumed})", markup=False, soft_wrap=True)
         self.current = None
 
     def stop(self) -> None:
@@ -148,13 +149,13 @@ def _verify(entries: list[zoo.ZooEntry], explicit: bool, quiet: bool) -> None:
             unrecorded = sum(f.status == "unrecorded" for f in report.files)
             note = f", {unrecorded} not in the manifest" if unrecorded else ""
             console.print(f"{e.name}: {'ok' if report.ok else 'FAILED'} ({good} file(s) match{note}){extra}",
-                          markup=False)
+                          markup=False, soft_wrap=True)
     if failures:
         names = " ".join(sorted({f.split(':')[0] for f in failures}))
         raise LdmError(f"{len(failures)} file(s) failed verification ({failures[0]}); "
                        f"run 'ldm download --force {names}'")
     if not quiet and checked == 0:
-        console.print("nothing downloaded yet", markup=False)
+        console.print("nothing downloaded yet", markup=False, soft_wrap=True)
 
 
 def download_command(
@@ -194,7 +195,8 @@ def download_command(
             if not force and store.is_complete(entry.name):
                 if renderer is not None:
                     renderer.start(entry.name)
-                    console.print(f"{entry.name}: already complete ({entry.local_dir()})", markup=False)
+                    console.print(f"{entry.name}: already complete ({entry.local_dir()})", markup=False,
+                                  soft_wrap=True)
                 continue
             if renderer is not None:
                 renderer.start(entry.name)
@@ -202,10 +204,10 @@ def download_command(
             if isinstance(renderer, _PlainProgress):
                 renderer.flush()
             if renderer is not None:
-                console.print(f"{entry.name}: complete ({entry.local_dir()})", markup=False)
+                console.print(f"{entry.name}: complete ({entry.local_dir()})", markup=False, soft_wrap=True)
     except KeyboardInterrupt:
         console.print("download interrupted: the partial file is kept, rerun the same command to resume",
-                      markup=False)
+                      markup=False, soft_wrap=True)
         raise
     finally:
         if renderer is not None:
