@@ -111,8 +111,9 @@ def ensure(name: str, *, force: bool = False, progress: ProgressCallback | None 
     if not missing and not force:
         return dest
     if paths.offline():
-        what = missing[0] if missing else dest
-        raise OfflineError(f"{what} is missing and network use is off (--offline / LDM_OFFLINE); "
+        if not missing:
+            raise OfflineError(f"cannot download {entry.name} again: network use is off (--offline / LDM_OFFLINE)")
+        raise OfflineError(f"{missing[0]} is missing and network use is off (--offline / LDM_OFFLINE); "
                            f"run 'ldm download {entry.name}' first")
     dest.mkdir(parents=True, exist_ok=True)
     for spec in entry.files:

@@ -363,3 +363,21 @@ def test_ctrl_c_keeps_partial_and_next_call_resumes(cli, mirror, data_home):
     assert mirror.gets("/files/latent-diffusion/nitro/cin/model.ckpt")[-1].range == f"bytes={have}-"
     assert f"resumed at {download.human(have)}" in r.stderr
     assert (paths.ldm_dir("cin256-v2") / "model.ckpt").read_bytes() == data
+
+
+def test_cli_disk_space_error_names_sizes(cli, mirror, monkeypatch):
+    mirror.add("/files/latent-diffusion/nitro/cin/model.ckpt", payload(3_000_000, seed=10))
+    monkeypatch.setattr(download, "free_bytes", lambda path: 2_000_000)
+    r = cli("download", "cin256-v2")
+    assert r.exit_code == 1, r
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "not enough disk space" in r.stderr and "need 3.0 MB, 2.0 MB free" in r.stderr
+    assert not (paths.ldm_dir("cin256-v2") / "model.ckpt").exists()
+
+
+def test_cli_offline_force_of_complete_entry_is_refused(cli, mirror):
+    mirror.add("/files/latent-diffusion/nitro/cin/model.ckpt", b"weights")
+    assert cli("download", "-q", "cin256-v2").exit_code == 0
+    assert cli("--offline", "download", "cin256-v2").exit_code == 0  # complete: nothing to fetch
+    r = cli("--offline", "download", "--force", "cin256-v2")
+    assert r.exit_code == 1 and "network use is off" in r.stderr, r
