@@ -669,6 +669,13 @@ def _check_ldm(r: _Reader, d: LatentDiffusionConfig, where: str) -> LatentDiffus
         raise r.fail(f"{where}.cond_stage_trainable", f"must be false with a {kind!r} conditioner")
     if (kind == "unconditional") != (d.conditioning_key is None):
         raise r.fail(f"{where}.conditioning_key", "must be null exactly when the model is unconditional")
+    if (d.conditioning_key == "adm") != (d.unet.num_classes is not None):
+        raise r.fail(f"{where}.conditioning_key", "adm conditioning and the UNet's num_classes go together")
+    width = {BERTEmbedderParams: "n_embed", ClassEmbedderParams: "embed_dim"}.get(type(d.cond_stage.params))
+    if (d.conditioning_key in ("crossattn", "hybrid") and width is not None and d.unet.context_dim is not None
+            and getattr(d.cond_stage.params, width) != d.unet.context_dim):
+        raise r.fail(where, f"the conditioner's {width} ({getattr(d.cond_stage.params, width)}) must equal the "
+                            f"UNet's context_dim ({d.unet.context_dim}) for cross-attention")
     return d
 
 

@@ -216,6 +216,9 @@ def test_semantic_errors(tmp_path):
     doc = _upstream(UPSTREAM["inpainting_big"])
     doc["model"]["params"]["cond_stage_trainable"] = True
     assert "cond_stage_trainable" in _error(tmp_path, doc)
+    doc = _upstream(UPSTREAM["text2img256"])
+    doc["model"]["params"]["cond_stage_config"]["params"]["n_embed"] = 512
+    assert "n_embed (512) must equal the UNet's context_dim (640)" in _error(tmp_path, doc)
     doc = _upstream(UPSTREAM["vq-f4-noattn"])
     doc["model"]["params"]["ddconfig"]["attn_type"] = "flash"
     assert "attn_type 'flash'" in _error(tmp_path, doc)
