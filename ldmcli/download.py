@@ -135,6 +135,25 @@ def part_path(target: Path) -> Path:
     return target.with_name(target.name + ".part")
 
 
+def _meta_path(target: Path) -> Path:
+    """The partial's validators (ETag / Last-Modified / total size), so a resume never splices two versions."""
+    return target.with_name(target.name + ".part.json")
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def discard_partial(target: Path) -> None:
+    """Forget a partial download of ``target`` (the next fetch starts from zero)."""
+    part_path(target).unlink(missing_ok=True)
+    _meta_path(target).unlink(missing_ok=True)
+
+
 @dataclass(frozen=True)
 class FetchResult:
     """A completed download: its final path, sha256, size, the offset it resumed from and the URL used."""
@@ -233,13 +252,14 @@ def fetch(
     policy = policy or default_policy()
     target.parent.mkdir(parents=True, exist_ok=True)
     part = part_path(target)
+    meta_file = _meta_path(target)
     algorithms = ("sha256", "md5") if md5 else ("sha256",)
     name = target.name
     retryable = _retryable()
     failures = 0
     first_offset: int | None = None
     hashed: tuple[int, dict[str, Any]] | None = None  # (bytes hashed, hashers) carried across retries
-    restarted_416 = False
+    restarted = False  # the partial was thrown away once because it did not belong to the remote file
 
     with requests.Session() as session:
         while True:
@@ -247,16 +267,21 @@ def fetch(
             if first_offset is None:
                 first_offset = offset
             headers = {"Accept-Encoding": "identity"}
+            meta = _read_meta(meta_file) if offset else {}
             if offset:
                 headers["Range"] = f"bytes={offset}-"
+                etag = meta.get("etag") or ""
+                validator = etag if etag and not etag.startswith("W/") else meta.get("last_modified")
+                if validator:
+                    headers["If-Range"] = validator  # a changed file comes back whole (200), not spliced
             received = 0
             try:
                 with session.get(url, headers=headers, stream=True, allow_redirects=True,
                                  timeout=(policy.connect_timeout, policy.read_timeout or None)) as resp:
                     status = resp.status_code
-                    if status == 416 and offset and not restarted_416:
-                        part.unlink()  # the partial is not a prefix of this file: start over once
-                        restarted_416 = True
+                    if status == 416 and offset and not restarted:
+                        discard_partial(target)  # the partial is not a prefix of this file: start over once
+                        restarted = True
                         hashed = None
                         continue
                     if 400 <= status < 500:
@@ -268,6 +293,12 @@ def fetch(
                         if rng is None or rng[0] != offset:
                             raise _Transient(f"bad Content-Range {resp.headers.get('Content-Range')!r}")
                         total = rng[1]
+                        if meta.get("total") is not None and total is not None and meta["total"] != total \
+                                and not restarted:
+                            discard_partial(target)  # the remote file changed size: start over once
+                            restarted = True
+                            hashed = None
+                            continue
                         mode = "ab"
                     elif status == 200:
                         offset = 0  # the server ignored Range (or none was sent): start from zero
@@ -280,6 +311,11 @@ def fetch(
 
                     needed = (total - offset if total is not None else max(0, (size_hint or 0) - offset))
                     check_space(target.parent, needed + extra_space)
+                    if mode == "wb":
+                        meta_file.write_text(json.dumps({
+                            "url": url, "etag": resp.headers.get("ETag"),
+                            "last_modified": resp.headers.get("Last-Modified"), "total": total,
+                        }), encoding="utf-8")
 
                     if hashed is None or hashed[0] != offset:
                         hashers = _hash_file(part, algorithms, offset) if offset else \
@@ -307,7 +343,7 @@ def fetch(
                     if total is not None and done < total:
                         raise _Transient(f"connection closed after {done} of {total} bytes")
                     if total is not None and done > total:
-                        part.unlink()
+                        discard_partial(target)
                         raise DownloadError(f"{url}: received {done} bytes, expected {total}")
             except retryable as e:
                 failures = 1 if received else failures + 1  # progress resets the count: a flaky link still finishes
@@ -324,10 +360,11 @@ def fetch(
     digests = {a: h.hexdigest() for a, h in hashers.items()}
     for algorithm, expected in (("md5", md5), ("sha256", sha256)):
         if expected and not digests[algorithm].startswith(expected.lower()):
-            part.unlink()
+            discard_partial(target)
             raise DownloadError(f"{url}: {algorithm} mismatch (got {digests[algorithm]}, expected {expected}); "
                                 "the partial file was deleted")
     os.replace(part, target)
+    meta_file.unlink(missing_ok=True)
     return FetchResult(path=target, sha256=digests["sha256"], size=done, resumed_from=first_offset or 0, url=url)
 
 

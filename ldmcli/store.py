@@ -77,7 +77,7 @@ def _fetch_file(entry: zoo.ZooEntry, spec: zoo.ZooFile, *, force: bool, progress
         if not force and all(dest.joinpath(*p.split("/")).exists() for p in produced):
             return  # another process finished it while we waited for the lock
         if force:
-            download.part_path(target).unlink(missing_ok=True)
+            download.discard_partial(target)
         url = download.mirror_url(spec.url)
         size = spec.size or 0
         result = download.fetch(url, target, md5=spec.md5, sha256=spec.sha256, size_hint=spec.size,

@@ -8,11 +8,13 @@
     server.throttle = 0.01                                  # seconds between 64 KiB blocks (for kill tests)
     requests made: server.log -> [Request(method, path, range)]
 
-Supports GET and HEAD, Range ``bytes=N-`` and ``bytes=N-M`` (206 with Content-Range, 416 past the end).
+Supports GET and HEAD, Range ``bytes=N-`` and ``bytes=N-M`` (206 with Content-Range, 416 past the end), a strong
+ETag per content and If-Range (a stale validator gets the whole file, 200); ``server.etags = False`` hides ETags.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections import defaultdict, deque
@@ -44,6 +46,7 @@ class FileServer:
     log: list[Request] = field(default_factory=list)
     ignore_range: set[str] = field(default_factory=set)
     throttle: float = 0.0
+    etags: bool = True
 
     def __post_init__(self) -> None:
         self._faults: dict[str, deque[Fault]] = defaultdict(deque)
@@ -119,7 +122,10 @@ class FileServer:
             return self._plain(h, 404, b"not found\n")
         start, end = 0, len(data) - 1
         status = 200
-        ignore = path in self.ignore_range or (fault is not None and fault.kind == "ignore_range")
+        etag = '"' + hashlib.sha256(data).hexdigest()[:16] + '"'
+        if_range = h.headers.get("If-Range")
+        ignore = path in self.ignore_range or (fault is not None and fault.kind == "ignore_range") or \
+            (if_range is not None and if_range != etag)
         if rng and not ignore:
             try:
                 unit, spec = rng.split("=", 1)
@@ -140,6 +146,8 @@ class FileServer:
         h.send_header("Content-Type", "application/octet-stream")
         h.send_header("Content-Length", str(end - start + 1))
         h.send_header("Accept-Ranges", "bytes")
+        if self.etags:
+            h.send_header("ETag", etag)
         if status == 206:
             h.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
         if fault is not None and fault.kind == "drop":

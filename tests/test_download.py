@@ -381,3 +381,17 @@ def test_cli_offline_force_of_complete_entry_is_refused(cli, mirror):
     assert cli("--offline", "download", "cin256-v2").exit_code == 0  # complete: nothing to fetch
     r = cli("--offline", "download", "--force", "cin256-v2")
     assert r.exit_code == 1 and "network use is off" in r.stderr, r
+
+
+def test_resume_of_a_file_that_changed_upstream_restarts_instead_of_splicing(file_server, tmp_path):
+    old, new = payload(300_000, seed=11), payload(300_000, seed=12)
+    url = file_server.add("/f/v.bin", old)
+    file_server.fault("/f/v.bin", "drop", after=100_000)
+    with pytest.raises(DownloadError):
+        download.fetch(url, tmp_path / "v.bin", policy=ONCE)
+    file_server.add("/f/v.bin", new)  # same size, new content, new ETag
+    download.fetch(url, tmp_path / "v.bin", policy=ONCE)
+    last = file_server.gets("/f/v.bin")[-1]
+    assert last.range == "bytes=100000-"
+    assert (tmp_path / "v.bin").read_bytes() == new
+    assert leftovers(tmp_path) == ["v.bin", "v.bin.lock"]
