@@ -327,8 +327,7 @@ def fetch(
                         progress(done, total, name)
                     with open(part, mode) as f:
                         try:
-                            # read1: whatever arrived, so a dropped connection keeps every byte it delivered
-                            while block := resp.raw.read1(CHUNK):
+                            while block := _read_some(resp.raw):
                                 f.write(block)
                                 for h in hashers.values():
                                     h.update(block)
@@ -366,6 +365,15 @@ def fetch(
     os.replace(part, target)
     meta_file.unlink(missing_ok=True)
     return FetchResult(path=target, sha256=digests["sha256"], size=done, resumed_from=first_offset or 0, url=url)
+
+
+def _read_some(raw: Any) -> bytes:
+    """The next bytes of a streamed body. ``read1`` (urllib3 >= 2.3) returns whatever arrived, so a dropped
+    connection keeps every byte it delivered; older urllib3 falls back to small reads (at most 64 KiB lost)."""
+    read1 = getattr(raw, "read1", None)
+    if read1 is not None:
+        return read1(CHUNK)
+    return raw.read(64 * 1024)
 
 
 def _describe(e: BaseException) -> str:

@@ -160,7 +160,7 @@ def _verify(entries: list[zoo.ZooEntry], explicit: bool, quiet: bool) -> None:
 
 def download_command(
     names: Optional[list[str]] = typer.Argument(
-        None, metavar="[NAME]...", show_default=False,
+        None, metavar="NAME", show_default=False,
         help="Zoo names (see --list) or groups: first-stages, ldms, all.",
     ),
     list_: bool = typer.Option(False, "--list", help="Show the zoo: name, kind, size, downloaded or not."),
