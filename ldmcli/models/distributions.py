@@ -26,11 +26,12 @@ class DiagonalGaussianDistribution:
 
     def sample(self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
         """mean + std * eps. eps is drawn in float32 on the generator's device (CPU by default, as upstream draws
-        it), or taken from ``noise`` when given."""
+        it; the same numbers whatever the model's device and dtype), or taken from ``noise`` when given, then cast
+        to the posterior's dtype so a half-precision decoder gets half-precision latents."""
         if noise is None:
             device = generator.device if generator is not None else torch.device("cpu")
             noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=torch.float32)
-        return self.mean + self.std * noise.to(device=self.parameters.device)
+        return self.mean + self.std * noise.to(device=self.mean.device, dtype=self.mean.dtype)
 
     def mode(self) -> torch.Tensor:
         return self.mean
