@@ -272,20 +272,20 @@ def _normalise(name: str) -> str:
 
 def _lookup_table() -> dict[str, str]:
     table: dict[str, str] = {}
-    for entry in _ENTRIES:
+    for entry in REGISTRY.values():
         for alias in (entry.name, *entry.aliases):
             table[_normalise(alias)] = entry.name
     return table
 
 
 def names() -> list[str]:
-    """Every entry name, in registry order."""
-    return [e.name for e in _ENTRIES]
+    """Every entry name, in registry order (``REGISTRY`` is the one source; tests may add entries to it)."""
+    return list(REGISTRY)
 
 
 def entries() -> list[ZooEntry]:
     """Every entry, in registry order."""
-    return list(_ENTRIES)
+    return list(REGISTRY.values())
 
 
 def _unknown(name: str) -> UnknownModelError:
