@@ -214,6 +214,8 @@ def test_posterior_sample_uses_generator():
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     noise = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(a, post.mean + post.std * noise)
+    half = DiagonalGaussianDistribution(params.bfloat16()).sample(generator=torch.Generator().manual_seed(3))
+    assert half.dtype == torch.bfloat16  # same noise, in the posterior's dtype
     det = DiagonalGaussianDistribution(params, deterministic=True)
     torch.testing.assert_close(det.sample(), det.mean)
     assert det.kl().item() == 0.0
