@@ -124,7 +124,9 @@ class LPIPS(nn.Module):
     """Learned Perceptual Image Patch Similarity (Zhang et al. 2018), VGG16 variant "v0.1", frozen.
 
     ``forward(input, target)`` takes images in [-1, 1] and returns a (b, 1, 1, 1) distance. ``pretrained`` tells
-    whether real weights were loaded (by :meth:`load_pretrained` or through ``load_state_dict``).
+    whether real weights were loaded (by :meth:`load_pretrained` or through ``load_state_dict``). As upstream, the
+    heads' Dropout(0.5) follows the module's mode: a trainer's ``model.train()`` turns it on (upstream training ran
+    that way); call ``.eval()`` on this module afterwards for a deterministic distance.
     """
 
     def __init__(self, use_dropout: bool = True) -> None:
