@@ -272,3 +272,16 @@ def test_posterior_kl_feeds_the_loss_unchanged():
     x = torch.zeros(2, 3, 16, 16)
     total, log = loss(x, x, post, 0, global_step=0, last_layer=None)
     torch.testing.assert_close(total, post.kl().sum() / 2)
+
+
+def test_standalone_checkpoint_round_trip_restores_lpips(lpips_files):
+    """A first stage saved with its loss (as the zoo's standalone checkpoints are) loads strictly into a fresh one."""
+    torch.manual_seed(0)
+    source = _tiny_kl(perceptual_weight=1.0, disc_start=0)
+    source.loss.perceptual_loss.load_pretrained(*lpips_files[:2])
+    target = _tiny_kl(perceptual_weight=1.0, disc_start=0)
+    assert not target.loss.perceptual_loss.pretrained
+    target.load_state_dict(source.state_dict(), strict=True)
+    assert target.loss.perceptual_loss.pretrained
+    torch.testing.assert_close(target.loss.perceptual_loss.lin2.model[1].weight,
+                               source.loss.perceptual_loss.lin2.model[1].weight)
