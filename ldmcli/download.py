@@ -426,6 +426,8 @@ def extract_zip(
                 check_space(dest.parent, total)
                 seen: set[PurePosixPath] = set()
                 done = 0
+                if progress is not None:
+                    progress(0, total, f"extracting {archive.name}")
                 for info, rel in members:
                     if rel is None:
                         continue

@@ -256,7 +256,8 @@ def test_cli_downloads_then_skips(cli, mirror):
     assert r.exit_code == 0, r
     ckpt = paths.first_stage_dir("kl-f8") / "model.ckpt"
     assert ckpt.read_bytes() == b"kl-f8 weights"
-    assert "kl-f8: downloaded model.zip" in r.stderr and r.stdout == ""
+    assert "kl-f8: downloaded model.zip" in r.stderr and "kl-f8: extracted model.zip" in r.stderr
+    assert "resumed" not in r.stderr and r.stdout == ""
     r = cli("download", "kl-f8")
     assert r.exit_code == 0 and "already complete" in r.stderr
     assert len(mirror.gets("/files/latent-diffusion/kl-f8.zip")) == 1

@@ -44,9 +44,10 @@ class _PlainProgress:
         seconds = max(time.monotonic() - self.started, 1e-6)
         moved = self.done - self.first
         resumed = f", resumed at {download.human(self.first)}" if self.first else ""
-        verb = "" if self.current.startswith("extracting ") else "downloaded "
+        extracting = self.current.startswith("extracting ")
+        what = f"extracted {self.current.removeprefix('extracting ')}" if extracting else f"downloaded {self.current}"
         speed = download.human(int(moved / seconds))
-        self.console.print(f"{self.label}: {verb}{self.current} {download.human(self.done)} in {seconds:.1f} s "
+        self.console.print(f"{self.label}: {what} {download.human(self.done)} in {seconds:.1f} s "
                            f"({speed}/s{resumed})", markup=False, soft_wrap=True)
         self.current = None
 
@@ -139,7 +140,14 @@ def _verify(entries: list[zoo.ZooEntry], explicit: bool, quiet: bool) -> None:
     for e in entries:
         if not explicit and not any(v.get("entry") == e.name for v in recorded.values()):
             continue
-        report = store.verify(e.name)
+        bar = _RichProgress(console) if is_interactive() and not quiet else None
+        try:
+            if bar is not None:
+                bar.start(f"verifying {e.name}")
+            report = store.verify(e.name, progress=bar)
+        finally:
+            if bar is not None:
+                bar.stop()
         checked += 1
         for f in report.bad:
             failures.append(f"{e.name}: {f.path} {f.status}")
