@@ -1,0 +1,209 @@
+"""ldm train-ae / train-ldm end to end on tiny configs, config validation, schedules, resume after SIGKILL, DDP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import REFERENCE
+
+FIXTURES = Path(__file__).parent / "fixtures" / "train"
+TINY_KL = FIXTURES / "tiny-kl.yaml"
+TINY_LDM = FIXTURES / "tiny-ldm.yaml"
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    """3 classes (sub-folders) of 8 small coloured noise images, plus one unreadable file."""
+    root = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / str(c)).mkdir(parents=True)
+        for i in range(8):
+            a = rng.integers(0, 60, (20, 24, 3), dtype=np.uint8)
+            a[..., c] += 180
+            Image.fromarray(a).save(root / str(c) / f"{i}.png")
+    (root / "1" / "corrupt.png").write_bytes(b"\x89PNG broken")
+    return root
+
+
+def _one_line_error(r, code: int, *needles: str) -> None:
+    assert r.exit_code == code, r
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ldm: error:"), r
+    for n in needles:
+        assert n in lines[0], r
+
+
+def _state(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_autoencoder_then_class_conditional_ldm_through_the_cli(cli, images, tmp_path):
+    logs = tmp_path / "logs"
+    r = cli("train-ae", "--config", TINY_KL, "--data", images, "--max-steps", "3", "--checkpoint-every", "2",
+            "--log-images-every", "2", "--logdir", logs)
+    assert r.exit_code == 0, r
+    assert "skipped 1 unreadable image" in r.stderr and "corrupt.png" in r.stderr
+    ae_dir = Path(r.stdout.strip().splitlines()[-1])
+    assert ae_dir.parent == logs and ae_dir.name.endswith("_tiny-kl")
+    ckpt = torch.load(ae_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 3 and len(ckpt["optimizer_states"]) == 2
+    assert any(k.startswith("loss.discriminator.") for k in ckpt["state_dict"])
+    assert not any(k.startswith("net.") for k in ckpt["state_dict"])
+    assert (ae_dir / "metrics.csv").is_file() and "aeloss" in (ae_dir / "metrics.csv").read_text().splitlines()[0]
+    assert sorted(p.name.split("_gs")[0] for p in (ae_dir / "images" / "train").glob("*.png")) == [
+        "inputs", "reconstructions"]
+
+    r = cli("train-ldm", "--config", TINY_LDM, "--data", images, "--first-stage", ae_dir, "--cond-drop", "0.3",
+            "--max-steps", "3", "--checkpoint-every", "3", "--log-images-every", "3", "--logdir", logs)
+    assert r.exit_code == 0, r
+    ldm_dir = Path(r.stdout.strip().splitlines()[-1])
+    state = _state(ldm_dir / "checkpoints" / "last.ckpt")
+    assert any(k.startswith("model_ema.") for k in state) and "scale_factor" in state
+    assert float(state["scale_factor"]) != 1.0  # scale_by_std measured the latents
+    # the frozen first stage is the train-ae one
+    ae_state = _state(ae_dir / "model.ckpt")
+    assert torch.equal(state["first_stage_model.decoder.conv_out.weight"], ae_state["decoder.conv_out.weight"])
+    assert {p.name.split("_gs")[0] for p in (ldm_dir / "images" / "train").glob("*.png")} == {
+        "inputs", "reconstruction", "samples"}
+
+    from ldmcli.loading import load_model
+    from ldmcli.sampling.compat import DDIMSampler
+
+    model = load_model(ldm_dir / "config.yaml", ckpt=ldm_dir / "model.ckpt")
+    assert model.global_step == 3
+    labels = torch.tensor([0, 2, 3])  # 3 = the null class of --cond-drop
+    c = model.get_learned_conditioning({"class_label": labels})
+    g = torch.Generator().manual_seed(0)
+    z, _ = DDIMSampler(model).sample(S=3, batch_size=3, shape=(2, 8, 8), conditioning=c, verbose=False, generator=g)
+    x = model.decode_first_stage(z)
+    assert x.shape == (3, 3, 16, 16) and torch.isfinite(x).all()
+
+
+def test_bad_inputs_are_one_line_errors(cli, images, tmp_path):
+    logs = tmp_path / "logs"
+    _one_line_error(cli("train-ae", "--config", TINY_KL, "--data", tmp_path / "nowhere", "--logdir", logs), 1,
+                    "does not exist")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _one_line_error(cli("train-ae", "--config", TINY_KL, "--data", empty, "--logdir", logs), 1, "no usable images")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY_KL.read_text().replace("max_steps: 4", "max_stepz: 4"))
+    _one_line_error(cli("train-ae", "--config", bad, "--data", images, "--logdir", logs), 2, "max_stepz")
+    _one_line_error(cli("train-ae", "--config", TINY_KL, "--data", images, "--precision", "8", "--logdir", logs), 2,
+                    "precision")
+    _one_line_error(cli("train-ae", "--config", TINY_LDM, "--data", images, "--logdir", logs), 2, "train-ldm")
+    _one_line_error(cli("train-ldm", "--config", TINY_LDM, "--data", images, "--logdir", logs), 2, "--first-stage")
+    _one_line_error(cli("train-ae", "--config", TINY_KL, "--data", images, "--gpus", "0", "--devices", "1",
+                        "--logdir", logs), 2, "--gpus")
+    _one_line_error(cli("train-ae", "--resume", tmp_path / "nope", "--logdir", logs), 2, "cannot resume")
+    assert not logs.exists()  # nothing was written for any of these
+
+
+def test_upstream_training_configs_validate():
+    from ldmcli.training.config import load_train_config
+
+    cfg = load_train_config(REFERENCE / "configs" / "configs" / "autoencoder" / "autoencoder_kl_32x32x4.yaml")
+    assert cfg.settings.accumulate == 2 and cfg.data.batch_size == 12
+    assert cfg.data.train.target == "ldm.data.imagenet.ImageNetSRTrain" and cfg.settings.log_images_every == 1000
+    cfg = load_train_config(REFERENCE / "configs" / "configs" / "latent-diffusion" / "lsun_churches-ldm-kl-8.yaml")
+    assert cfg.model.ldm.scale_by_std and cfg.data.batch_size == 96
+    from ldmcli.training.run import _first_stage_hint
+
+    assert _first_stage_hint(cfg) == "kl-f8"  # ckpt_path models/first_stage_models/kl-f8/model.ckpt
+
+
+def test_lambda_linear_scheduler_matches_upstream_formula():
+    from ldmcli.training.lr_schedule import build_schedule
+
+    f = build_schedule({"target": "ldm.lr_scheduler.LambdaLinearScheduler",
+                        "params": {"warm_up_steps": [10], "cycle_lengths": [100], "f_start": [1e-6], "f_max": [1.0],
+                                   "f_min": [0.5]}})
+    assert f(0) == pytest.approx(1e-6) and f(5) == pytest.approx((1 - 1e-6) / 10 * 5 + 1e-6)
+    assert f(10) == pytest.approx(0.5 + 0.5 * 90 / 100) and f(100) == pytest.approx(0.5)
+
+
+def test_atomic_checkpoint_write_keeps_previous_file(tmp_path, monkeypatch):
+    from ldmcli.training import callbacks as cb
+
+    path = tmp_path / "last.ckpt"
+    cb.atomic_torch_save({"a": torch.ones(2)}, path)
+
+    def boom(obj, f):  # a crash in the middle of a write
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(KeyboardInterrupt):
+        cb.atomic_torch_save({"a": torch.zeros(2)}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def _cmd(*args) -> list[str]:
+    return [sys.executable, "-m", "ldmcli", *[str(a) for a in args]]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted_run(cli, images, tmp_path):
+    logs = tmp_path / "logs"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(_cmd("train-ae", "--config", TINY_KL, "--data", images, "--max-steps", "1000",
+                                 "--checkpoint-every", "3", "--log-images-every", "0", "--logdir", logs),
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while not list(logs.glob("*/checkpoints/last.ckpt")):
+            assert proc.poll() is None and time.time() < deadline, "training died before its first checkpoint"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    (run_dir,) = logs.iterdir()
+    killed_at = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert killed_at % 3 == 0 and killed_at < 1000
+    target = killed_at + 3  # mid-epoch: 6 batches per epoch
+
+    r = cli("train-ae", "--resume", run_dir, "--max-steps", target)
+    assert r.exit_code == 0, r
+    resumed = _state(run_dir / "checkpoints" / "last.ckpt")
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == target
+
+    r = cli("train-ae", "--config", TINY_KL, "--data", images, "--max-steps", target, "--checkpoint-every", "3",
+            "--log-images-every", "0", "--logdir", tmp_path / "straight")
+    assert r.exit_code == 0, r
+    straight = _state(Path(r.stdout.strip().splitlines()[-1]) / "checkpoints" / "last.ckpt")
+    assert resumed.keys() == straight.keys()
+    for k in straight:
+        assert torch.equal(resumed[k], straight[k]), k
+
+
+@pytest.mark.slow
+def test_ddp_on_cpu_two_processes_see_disjoint_data(images, tmp_path):
+    logs = tmp_path / "logs"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run(_cmd("train-ae", "--config", TINY_KL, "--data", images, "--max-steps", "2",
+                            "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--record-examples",
+                            "--log-images-every", "0", "--logdir", logs),
+                       env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run_dir,) = logs.iterdir()
+    seen = [{int(line.split()[1]) for line in (run_dir / "examples" / f"rank{k}.txt").read_text().splitlines()}
+            for k in range(2)]
+    assert len(seen[0]) == len(seen[1]) == 8  # 2 steps x batch 4 each
+    assert seen[0].isdisjoint(seen[1])
+    from ldmcli.loading import load_model
+
+    model = load_model(run_dir / "config.yaml", ckpt=run_dir / "model.ckpt")
+    assert model.global_step == 2
