@@ -357,3 +357,18 @@ def test_forward_draws_steps_from_generator_and_learns_logvar():
     assert "train/loss_gamma" in logs and logs["logvar"].item() == pytest.approx(0.5)
     with pytest.raises(UsageError):
         ldm(parameterization="v")
+
+
+def test_schedule_stays_float32_when_the_networks_are_cast():
+    m = ldm(scale_by_std=True, scale_factor=0.3)
+    before = m.alphas_cumprod.clone()
+    m.to(torch.bfloat16)
+    assert m.model.diffusion_model.out[2].weight.dtype == torch.bfloat16
+    assert m.first_stage_model.decoder.conv_out.weight.dtype == torch.bfloat16
+    for name in ("alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "lvlb_weights", "scale_factor"):
+        assert getattr(m, name).dtype == torch.float32, name
+    assert torch.equal(m.alphas_cumprod, before)
+    assert m.state_dict()["betas"].dtype == torch.float32
+    x, t = torch.randn(1, 4, 8, 8, dtype=torch.bfloat16), torch.tensor([7])
+    with torch.no_grad():
+        assert m.apply_model(x, t, None).dtype == torch.bfloat16

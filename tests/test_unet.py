@@ -130,6 +130,7 @@ def test_timestep_embedding_is_cos_then_sin():
             assert emb[row, half + i].item() == pytest.approx(math.sin(step * freq), abs=1e-4)
     odd = timestep_embedding(t, 7)
     assert odd.shape == (4, 7) and torch.all(odd[:, -1] == 0)
+    assert torch.equal(timestep_embedding(t, 3, repeat_only=True), t[:, None].expand(4, 3))
 
 
 def test_groupnorm32_computes_in_float32_and_casts_back():

@@ -24,11 +24,13 @@ from ldmcli.errors import UsageError
 from ldmcli.models.autoencoder import VQModelInterface
 from ldmcli.models.distributions import DiagonalGaussianDistribution
 from ldmcli.models.ema import LitEma
-from ldmcli.models.schedule import extract, lvlb_weights, make_beta_schedule, schedule_buffers
+from ldmcli.models.schedule import SCHEDULE_BUFFERS, extract, lvlb_weights, make_beta_schedule, schedule_buffers
 
 CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm")
 IS_FIRST_STAGE = "__is_first_stage__"
 IS_UNCONDITIONAL = "__is_unconditional__"
+# Buffers that stay float32 whatever dtype the networks are cast to.
+_FLOAT32_BUFFERS = (*SCHEDULE_BUFFERS, "lvlb_weights", "logvar", "scale_factor")
 
 Cond = torch.Tensor | list | dict | None
 
@@ -233,7 +235,22 @@ class LatentDiffusion(nn.Module):
             cond_ids[: self.num_timesteps_cond] = ids
             self.register_buffer("cond_ids", cond_ids, persistent=False)
 
-    # ---------------------------------------------------------------------------------------------- train mode
+    # -------------------------------------------------------------------------------------- dtype and train mode
+    def _apply(self, fn: Any, recurse: bool = True) -> LatentDiffusion:
+        """``.to(dtype)`` / ``.half()`` / ``.bfloat16()`` cast the networks but keep the schedule (and
+        ``scale_factor``) in float32, so samplers never see bf16-rounded alphas; device moves apply to all."""
+        keep = {
+            name: buf
+            for name in _FLOAT32_BUFFERS
+            if (buf := self._buffers.get(name)) is not None and buf.dtype == torch.float32
+        }
+        super()._apply(fn, recurse)
+        for name, old in keep.items():
+            new = self._buffers.get(name)
+            if new is not None and new.dtype != torch.float32:
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
     def train(self, mode: bool = True) -> LatentDiffusion:
         """As nn.Module.train, but the first stage (and a frozen conditioner) stay in eval mode, as upstream."""
         super().train(mode)

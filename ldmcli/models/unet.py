@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
@@ -23,11 +23,16 @@ from ldmcli.errors import UsageError
 from ldmcli.models.attention import SpatialTransformer, zero_module
 
 
-def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
+def timestep_embedding(
+    timesteps: torch.Tensor, dim: int, max_period: int = 10000, repeat_only: bool = False
+) -> torch.Tensor:
     """Sinusoidal timestep embedding (Vaswani et al. 2017), ``[cos(t f), sin(t f)]`` with f = max_period^(-i/half).
 
     ``timesteps`` is a 1-D tensor of (possibly fractional) steps; returns float32 ``[N, dim]`` (zero-padded when odd).
+    ``repeat_only`` (upstream's option) repeats the raw steps instead.
     """
+    if repeat_only:
+        return repeat(timesteps, "b -> b d", d=dim)
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / half).to(
         device=timesteps.device
