@@ -36,12 +36,13 @@ def images(tmp_path) -> Path:
     return root
 
 
-def _one_line_error(r, code: int, *needles: str) -> None:
+def _one_line_error(r, code: int, *needles: str, after_start: bool = False) -> None:
+    """A usage error is the only line; a failure after the run started is the last line."""
     assert r.exit_code == code, r
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ldm: error:"), r
+    assert (after_start or len(lines) == 1) and lines[-1].startswith("ldm: error:"), r
     for n in needles:
-        assert n in lines[0], r
+        assert n in lines[-1], r
 
 
 def _state(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -207,3 +208,46 @@ def test_ddp_on_cpu_two_processes_see_disjoint_data(images, tmp_path):
 
     model = load_model(run_dir / "config.yaml", ckpt=run_dir / "model.ckpt")
     assert model.global_step == 2
+
+
+def _fail_at_step(monkeypatch, step: int, make_error) -> None:
+    """Make the autoencoder's loss misbehave from optimizer step ``step`` on."""
+    from ldmcli.training.modules import AutoencoderModule
+
+    original = AutoencoderModule._loss
+
+    def loss(self, x, rec, aux, idx):
+        value, logs = original(self, x, rec, aux, idx)
+        if self.step >= step:
+            return make_error(value), logs
+        return value, logs
+
+    monkeypatch.setattr(AutoencoderModule, "_loss", loss)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(cli, images, tmp_path, monkeypatch):
+    _fail_at_step(monkeypatch, 3, lambda v: v * float("nan"))
+    logs = tmp_path / "logs"
+    r = cli("train-ae", "--config", TINY_KL, "--data", images, "--max-steps", "6", "--checkpoint-every", "2",
+            "--log-images-every", "0", "--logdir", logs)
+    _one_line_error(r, 1, "loss became nan at step 3", "last good checkpoint", after_start=True)
+    (run_dir,) = logs.iterdir()
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2 and not (run_dir / "model.ckpt").exists()
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(cli, images, tmp_path, monkeypatch):
+    def interrupt(v):
+        raise KeyboardInterrupt
+
+    _fail_at_step(monkeypatch, 3, interrupt)
+    logs = tmp_path / "logs"
+    before = signal.getsignal(signal.SIGINT)
+    r = cli("train-ae", "--config", TINY_KL, "--data", images, "--max-steps", "6", "--checkpoint-every", "100",
+            "--log-images-every", "0", "--logdir", logs)
+    assert r.exit_code == 130, r
+    assert "interrupted: saved" in r.stderr
+    assert signal.getsignal(signal.SIGINT) == before  # Lightning's SIG_IGN does not outlive the run
+    (run_dir,) = logs.iterdir()
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3

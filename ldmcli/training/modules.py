@@ -60,14 +60,11 @@ class _Base(L.LightningModule):
         if self.trainer is not None and self.trainer.global_rank:
             self.generator.manual_seed(self.seed + 7919 * self.trainer.global_rank)
 
-    def _check_finite(self, loss: torch.Tensor, logs: Mapping[str, torch.Tensor]) -> None:
+    def _check_finite(self, loss: torch.Tensor) -> None:
         value = float(loss.detach())
         if not math.isfinite(value):
-            parts = ", ".join(f"{k}={float(v):.4g}" for k, v in logs.items() if torch.as_tensor(v).numel() == 1)
-            raise NonFiniteLossError(f"the loss became {value} at step {self.step}"
-                                     + (f" ({parts})" if parts else "")
-                                     + "; lower the learning rate or check the data. The last good checkpoint is kept")
-        self.last_loss = value
+            raise NonFiniteLossError(f"the loss became {value} at step {self.step}; lower the learning rate or check "
+                                     "the data (the last good checkpoint is kept)")
 
     @property
     def step(self) -> int:
@@ -132,7 +129,7 @@ class AutoencoderModule(_Base):
         self.toggle_optimizer(opt_ae)
         rec, aux = self._forward(x)
         aeloss, log_ae = self._loss(x, rec, aux, 0)
-        self._check_finite(aeloss, log_ae)
+        self._check_finite(aeloss)
         self.manual_backward(aeloss / self.accumulate)
         if boundary:
             opt_ae.step()
@@ -143,7 +140,7 @@ class AutoencoderModule(_Base):
         with torch.no_grad():
             rec, aux = self._forward(x)
         discloss, log_disc = self._loss(x, rec, aux, 1)
-        self._check_finite(discloss, log_disc)
+        self._check_finite(discloss)
         self.manual_backward(discloss / self.accumulate)
         if boundary:
             opt_disc.step()
@@ -252,7 +249,8 @@ class LatentDiffusionModule(_Base):
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         z, c = self._latents(batch)
         loss, logs = self.net(z, c, generator=self.generator)
-        self._check_finite(loss, logs)
+        self._check_finite(loss)
+        self.last_loss = float(loss.detach())
         self.log("loss", loss.detach(), prog_bar=True, on_step=True)
         self.log_dict({k: v.detach().float() for k, v in logs.items()}, on_step=True)
         if self.scheduler_config is not None and self._trainer is not None:
