@@ -37,12 +37,13 @@ CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 @contextlib.contextmanager
-def _params_on_meta() -> Iterator[None]:
+def params_on_meta() -> Iterator[None]:
     """Build modules with every *parameter* on the meta device; buffers stay real (they are small).
 
     Non-persistent buffers (never in a checkpoint, e.g. CLIP's normalisation constants) thus keep their values, and
     the weights take no memory until the checkpoint's tensors are assigned. The same technique as accelerate's
-    ``init_empty_weights(include_buffers=False)``; it patches ``nn.Module.register_parameter`` while building.
+    ``init_empty_weights(include_buffers=False)``; it patches ``nn.Module.register_parameter`` while building (so
+    do not build other modules in other threads meanwhile).
     """
     original = nn.Module.register_parameter
 
@@ -264,6 +265,14 @@ def _resolve(
         if META_CONFIG not in loaded.metadata:
             raise UsageError(f"{path.name} holds no config: pass the config and ckpt={path.name}")
         return _config_from_json(loaded.metadata[META_CONFIG]), loaded, False, loaded.metadata.get(META_SOURCE_SHA256)
+    if path.is_dir() and (path / "config.yaml").is_file():
+        # upstream's layout (sample_diffusion.py -r <dir>): <dir>/config.yaml with <dir>/model.ckpt beside it
+        if ckpt is None:
+            found = [path / n for n in ("model.safetensors", "model.ckpt", "last.ckpt") if (path / n).is_file()]
+            if not found:
+                raise UsageError(f"{path} holds config.yaml but no model.ckpt: pass ckpt=")
+            ckpt = found[0]
+        return config.load_config(path / "config.yaml"), ckpt_io.load_checkpoint(_existing(ckpt)), False, None
     if path.is_file() or _is_config_path(name):
         if not path.is_file():
             raise UsageError(f"config file not found: {path}")
@@ -301,13 +310,15 @@ def _existing(ckpt: str | os.PathLike) -> Path:
 
 
 def _to_device_dtype(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Move to ``device``; cast the networks to ``dtype`` but keep the LDM's own buffers (schedules) in float32."""
+    """Move to ``device``; cast the networks to ``dtype`` but keep the LDM's own buffers (schedules) in float32.
+
+    Each child is moved and cast in one step, so a GPU never holds a float32 copy of a bf16 model.
+    """
+    if dtype != torch.float32:
+        for child in model.children():
+            child.to(device=device, dtype=dtype)
     if device.type != "cpu":
         model.to(device)
-    if dtype == torch.float32:
-        return
-    for child in model.children():
-        child.to(dtype)
 
 
 def load_model(
@@ -321,6 +332,9 @@ def load_model(
     progress: Any = None,
 ) -> nn.Module:
     """Load a zoo model by name, or a config file (ours or upstream's YAML) with ``ckpt=`` its checkpoint.
+
+    Also accepted: an upstream model folder (``config.yaml`` beside ``model.ckpt``, as ``sample_diffusion.py -r``
+    takes), and a ``.safetensors`` written by ldmcli, which carries its config.
 
     Returns the model in eval mode without gradients, float32 unless ``dtype`` says otherwise, on ``device``
     (``None``: CPU; use :func:`ldmcli.devices.pick_device` for the automatic choice). With ``ema=True`` (default)
@@ -342,7 +356,7 @@ def load_model(
     config = _config_module()
     if callback:
         callback(f"building the model from {loaded.path.name}")
-    with _params_on_meta():
+    with params_on_meta():
         model = config.build_model(cfg)
     uses_ema = _uses_ema(model, cfg)
     has_shadows = isinstance(getattr(model, "model_ema", None), nn.Module)

@@ -63,6 +63,8 @@ def test_raw_weights_with_ema_false(tmp_path):
     with model.ema_scope():  # upstream behaviour is kept: the scope swaps the shadows in
         assert torch.equal(model.state_dict()[key], saved[shadow])
     assert torch.equal(model.state_dict()[key], saved[key])
+    folder = load_model(files.folder, ema=False)  # upstream's layout: <dir>/config.yaml + <dir>/model.ckpt
+    assert folder.ckpt_path == files.ckpt and torch.equal(folder.state_dict()[key], saved[key])
 
 
 def test_checkpoint_without_ema_needs_ema_false(tmp_path):

@@ -193,41 +193,52 @@ class TinyFiles:
 
 @torch.no_grad()
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every floating parameter and persistent buffer seeded random values (zero-init layers included).
+    """Give every floating parameter seeded random values (zero-init layers included), in place or, for parameters
+    on the meta device, by assigning new tensors.
 
-    Norm scales stay near 1; schedule buffers are left alone; EMA shadows become the weights plus a small offset.
+    Norm scales stay near 1; buffers (schedules) are left alone; EMA shadows become the weights plus a small offset.
     """
     g = torch.Generator().manual_seed(seed)
-    params = dict(model.named_parameters(remove_duplicate=True))
-    for name, p in params.items():
-        if not p.is_floating_point():
+    made: dict[int, torch.Tensor] = {}
+    new: dict[str, torch.Tensor] = {}
+    params = {id(p) for p in model.parameters()}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in params or not t.is_floating_point():
             continue
-        noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
-        if p.ndim >= 2:
-            fan_in = p[0].numel()
-            p.copy_(noise / fan_in**0.5)
-        elif name.endswith("weight") and ("norm" in name or ".ln" in name or "gamma" in name):
-            p.copy_(1.0 + 0.1 * noise)
-        else:
-            p.copy_(0.05 * noise)
+        if id(t) not in made:
+            noise = torch.randn(t.shape, generator=g, dtype=t.dtype)
+            if t.ndim >= 2:
+                value = noise / t[0].numel() ** 0.5
+            elif name.endswith("weight") and ("norm" in name or ".ln" in name or "gamma" in name):
+                value = 1.0 + 0.1 * noise
+            else:
+                value = 0.05 * noise
+            made[id(t)] = value
+        new[name] = made[id(t)]
     ema = getattr(model, "model_ema", None)
     if ema is not None:
-        inner = dict(model.model.named_parameters())
         for m_name, s_name in ema.m_name2s_name.items():
-            shadow = getattr(ema, s_name)
-            shadow.copy_(inner[m_name] + 0.01 * torch.randn(shadow.shape, generator=g, dtype=shadow.dtype))
+            raw = new[f"model.{m_name}"]
+            new[f"model_ema.{s_name}"] = raw + 0.01 * torch.randn(raw.shape, generator=g, dtype=raw.dtype)
+    model.load_state_dict(new, strict=False, assign=True)
     return model
 
 
 def build_tiny(family: str, folder: str | Path, seed: int = 0) -> torch.nn.Module:
     """Write ``config.yaml`` of ``family`` into ``folder`` and return the built model with random weights."""
     from ldmcli import config
+    from ldmcli.loading import params_on_meta
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.yaml"
     path.write_text(CONFIGS[family], encoding="utf-8")
-    return randomize(config.build_model(config.load_config(path), bert_vocab=BERT_VOCAB), seed)
+    with params_on_meta():  # no time spent on default init: randomize assigns fresh tensors
+        model = config.build_model(config.load_config(path), bert_vocab=BERT_VOCAB)
+    model = randomize(model, seed)
+    leftover = [n for n, t in model.state_dict().items() if t.device.type == "meta"]
+    assert not leftover, f"tiny {family}: {leftover[:3]} not randomized"
+    return model
 
 
 def write_tiny(
