@@ -80,6 +80,10 @@ def test_bare_state_dict_and_missing_global_step(tmp_path):
     assert load_checkpoint(path).global_step is None
     torch.save(_state_dict(), tmp_path / "bare.pt")
     assert set(load_checkpoint(tmp_path / "bare.pt").state_dict) == set(_state_dict())
+    # torch < 1.6 wrote a tar-based format that cannot be memory-mapped: it is read normally
+    torch.save({"state_dict": _state_dict(), "global_step": 5}, tmp_path / "old.ckpt",
+               _use_new_zipfile_serialization=False)
+    assert load_checkpoint(tmp_path / "old.ckpt").global_step == 5
 
 
 class _Evil:
