@@ -52,9 +52,10 @@ def build(name: str, tiny: bool) -> tuple[UNetModel, dict]:
     torch.manual_seed(0)
     model = UNetModel(**params).eval()
     g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # random weights everywhere (zero-initialised output layers would hide errors)
+    with torch.no_grad():  # PyTorch's default init, but no zero layers (zero-initialised outputs would hide errors)
         for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (p.shape[-1] if p.dim() > 1 else 1) ** -0.5 * 0.5)
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     return model, params
 
 
@@ -98,6 +99,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--skip-cpu", action="store_true", help="no CPU reference (parity then only vs explicit attention)")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -143,9 +145,11 @@ def main() -> None:
                     y = m(**args_d)
                     if not cl and dtype != torch.float32:
                         print(f"  {dtype}: rel err vs fp32 {rel(y.float(), out):.2e}, finite {bool(y.isfinite().all())}")
+                    if args.no_timing:
+                        continue
                     timings[(dtype, cl)] = timed(lambda: m(**args_d), args.repeats, dev)
             model.float()
-            base = timings[(torch.float32, False)]
+            base = timings.get((torch.float32, False), 1.0)
             for (dtype, cl), s in timings.items():
                 print(f"  step batch 2 {str(dtype)[6:]:9s} {'channels_last' if cl else 'contiguous   '}: "
                       f"{s * 1000:8.1f} ms  ({base / s:.2f}x fp32 contiguous)")
