@@ -19,6 +19,8 @@ from tests.conftest import REFERENCE
 FIXTURES = Path(__file__).parent / "fixtures" / "train"
 TINY_KL = FIXTURES / "tiny-kl.yaml"
 TINY_LDM = FIXTURES / "tiny-ldm.yaml"
+TINY_VQ = FIXTURES / "tiny-vq.yaml"
+TINY_TXT = FIXTURES / "tiny-txt.yaml"
 
 
 @pytest.fixture
@@ -251,3 +253,39 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(cli, images, tmp_path, monkeypa
     assert signal.getsignal(signal.SIGINT) == before  # Lightning's SIG_IGN does not outlive the run
     (run_dir,) = logs.iterdir()
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+@pytest.mark.slow
+def test_vq_first_stage_then_text_ldm_with_caption_drop_resumes_exactly(images, tmp_path, monkeypatch):
+    from conftest import BERT_VOCAB
+    from ldmcli import store
+    from ldmcli.training.run import train
+
+    vocab = tmp_path / "bert"
+    vocab.mkdir()
+    (vocab / "vocab.txt").write_bytes(BERT_VOCAB.read_bytes())
+    monkeypatch.setattr(store, "asset_path", lambda name, **kw: vocab)
+    for i, p in enumerate(sorted(images.rglob("*.png"))[:-1]):
+        p.with_suffix(".txt").write_text(f"a picture number {i}")
+    events: list[dict] = []
+    vq = train("autoencoder", TINY_VQ, data_root=images, logdir=tmp_path / "logs", callback=events.append)
+    assert vq.global_step == 2 and "quantize.embedding.weight" in _state(vq.checkpoint)
+    assert any(e["event"] == "warning" and "unreadable" in e["text"] for e in events)
+
+    def run_txt(**kw):
+        return train("ldm", TINY_TXT, data_root=images, first_stage=str(vq.checkpoint), logdir=tmp_path / "logs",
+                     overrides={"cond_drop": 0.5, "checkpoint_every": 2, **kw.pop("overrides", {})}, **kw)
+
+    first = run_txt()
+    assert first.global_step == 2
+    state = _state(first.checkpoint)
+    assert any(k.startswith("cond_stage_model.transformer.") for k in state)  # the trainable BERT is trained
+    assert any(p.name.startswith("samples_") for p in (first.run_dir / "images" / "train").iterdir())
+    resumed = train("ldm", resume=first.run_dir, overrides={"max_steps": 4})
+    straight = run_txt(overrides={"max_steps": 4})
+    a, b = _state(resumed.checkpoint), _state(straight.checkpoint)
+    assert resumed.global_step == straight.global_step == 4
+    for k in b:  # UNet, EMA shadows, BERT, schedule: all equal to the uninterrupted run
+        assert torch.equal(a[k], b[k]), k
+    sched = torch.load(resumed.checkpoint, weights_only=True)["lr_schedulers"]
+    assert sched == [] or sched[0]["last_epoch"] == 4

@@ -6,7 +6,8 @@
   dropped that loop. The discriminator step re-runs the autoencoder after its update, as upstream's second
   ``training_step`` call did. ``step`` counts batches that stepped (Lightning counts each optimizer's step).
 * :class:`LatentDiffusionModule`: the LDM loss on first-stage latents (AdamW on the UNet, plus a trainable
-  conditioner), EMA after every batch, the warm-up LR schedule, ``scale_by_std`` on the first batch, and
+  conditioner), EMA after every batch (the :class:`~ldmcli.training.callbacks.EMAUpdate` callback, so it runs
+  before the batch's checkpoint), the warm-up LR schedule, ``scale_by_std`` on the first batch, and
   ``cond_drop``: the null condition with probability P, for classifier-free guidance (Ho & Salimans 2022).
 
 All randomness of a step (posterior samples, timesteps, noise, condition dropping) comes from a ``torch.Generator``
@@ -256,10 +257,6 @@ class LatentDiffusionModule(_Base):
         if self.scheduler_config is not None and self._trainer is not None:
             self.log("lr_abs", self.optimizers().param_groups[0]["lr"], on_step=True)
         return loss
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.net.use_ema:
-            self.net.model_ema(self.net.model)
 
     def configure_optimizers(self) -> Any:
         net = self.net
