@@ -98,6 +98,8 @@ def check_pair(pair: InpaintPair) -> None:
         try:
             with Image.open(path) as image:
                 sizes.append(image.size)
+        except Image.DecompressionBombError as e:
+            raise UsageError(f"{path}: image too large ({e})") from None
         except (OSError, ValueError, SyntaxError) as e:
             reason = "not an image" if isinstance(e, Image.UnidentifiedImageError) else f"unreadable image ({e})"
             raise UsageError(f"{path}: {reason}") from None
@@ -246,18 +248,20 @@ def _sample(
     from ldmcli.sampling import (DiscreteSchedule, ddim_timesteps, dpmpp_timesteps, model_denoiser, sample_ddim,
                                  sample_dpmpp_2m, sample_plms)
 
+    if sampler not in SAMPLERS:
+        raise UsageError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
     schedule = DiscreteSchedule.from_model(model)
+    try:
+        grid = dpmpp_timesteps(schedule, steps) if sampler == "dpmpp" else ddim_timesteps(steps, schedule.num_timesteps)
+    except ValueError as e:
+        raise UsageError(f"--steps {steps}: {e}") from None
     eps = model_denoiser(model, c, schedule=schedule)
     step_cb = (lambda s: callback(s.i + 1, s.total)) if callback is not None else None
     if sampler == "ddim":
-        grid = ddim_timesteps(steps, schedule.num_timesteps)
         return sample_ddim(eps, x_T, schedule, grid, eta=eta, generator=generator, callback=step_cb)
     if sampler == "plms":
-        grid = ddim_timesteps(steps, schedule.num_timesteps)
         return sample_plms(eps, x_T, schedule, grid, callback=step_cb)
-    if sampler == "dpmpp":
-        return sample_dpmpp_2m(eps, x_T, schedule, dpmpp_timesteps(schedule, steps), callback=step_cb)
-    raise UsageError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    return sample_dpmpp_2m(eps, x_T, schedule, grid, callback=step_cb)
 
 
 def check_sampler(sampler: str, steps: int, eta: float) -> None:
@@ -266,10 +270,8 @@ def check_sampler(sampler: str, steps: int, eta: float) -> None:
         raise UsageError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
     if steps < 1:
         raise UsageError(f"--steps must be at least 1, got {steps}")
-    if sampler in ("ddim", "plms") and steps > 500:
-        raise UsageError(f"--steps for {sampler} must be at most 500 (half the model's 1000 timesteps), got {steps}")
-    if sampler == "dpmpp" and steps > 999:
-        raise UsageError(f"--steps for dpmpp must be at most 999, got {steps}")
+    if steps > 1000:
+        raise UsageError(f"--steps must be at most 1000 (the published models' timesteps), got {steps}")
     if not eta >= 0.0:
         raise UsageError(f"--eta must be >= 0, got {eta}")
     if eta != 0.0 and sampler != "ddim":
