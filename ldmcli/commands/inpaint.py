@@ -164,7 +164,7 @@ def inpaint_command(
                                           "ones are skipped (resumable).", show_default=False),
     examples: Optional[Path] = typer.Option(None, "--examples", help="Write example image/mask pairs into this folder "
                                             "and exit (then: --indir that folder).", show_default=False),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Zoo model [default: {DEFAULT_MODEL}].",
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Zoo model (default: {DEFAULT_MODEL}).",
                                         show_default=False),
     config: Optional[Path] = typer.Option(None, "--config", help="A config file (ours or upstream's YAML) instead of "
                                           "--model; needs --ckpt.", show_default=False),
@@ -174,9 +174,9 @@ def inpaint_command(
     sampler: str = typer.Option("ddim", "--sampler", help="ddim (upstream's), plms or dpmpp."),
     eta: float = typer.Option(0.0, "--eta", help="DDIM eta (0: deterministic, upstream's)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the initial noise, the same for every image "
-                                       "[default: random, recorded in each PNG].", show_default=False),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps [default: best available].",
-                                         show_default=False),
+                                       "(default: random, recorded in each PNG).", show_default=False),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps (default: the best "
+                                         "available).", show_default=False),
     precision: str = typer.Option("auto", "--precision", help="auto, fp32, bf16 or fp16 (networks only; the sampler "
                                   "runs in float32)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace outputs that exist."),
