@@ -293,6 +293,7 @@ class LatentDiffusionModule(_Base):
             if net.cond_stage_trainable:
                 c = net.get_learned_conditioning(c)
         with net.ema_scope():
+            x_t = torch.randn(tuple(z.shape), generator=gen).to(z)  # drawn on the CPU: the same on every device
             samples, _ = DDIMSampler(net).sample(S=self.sample_steps, batch_size=n, shape=tuple(z.shape[1:]),
-                                                 conditioning=c, eta=0.0, verbose=False, generator=gen)
+                                                 conditioning=c, eta=0.0, verbose=False, x_T=x_t)
         return {"inputs": x, "reconstruction": net.decode_first_stage(z), "samples": net.decode_first_stage(samples)}
