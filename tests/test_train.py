@@ -54,13 +54,15 @@ def _state(ckpt: Path) -> dict[str, torch.Tensor]:
 def test_autoencoder_then_class_conditional_ldm_through_the_cli(cli, images, tmp_path):
     logs = tmp_path / "logs"
     r = cli("train-ae", "--config", TINY_KL, "--data", images, "--max-steps", "3", "--checkpoint-every", "2",
-            "--log-images-every", "2", "--logdir", logs)
+            "--log-images-every", "2", "--logdir", logs, "--accumulate", "2", "--scale-lr")
     assert r.exit_code == 0, r
     assert "skipped 1 unreadable image" in r.stderr and "corrupt.png" in r.stderr
+    assert "lr 0.0008" in r.stderr  # --scale-lr: 2 (accumulate) x 1 (device) x 4 (batch) x 1e-4
     ae_dir = Path(r.stdout.strip().splitlines()[-1])
     assert ae_dir.parent == logs and ae_dir.name.endswith("_tiny-kl")
     ckpt = torch.load(ae_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 3 and len(ckpt["optimizer_states"]) == 2
+    assert all(float(o["state"][0]["step"]) == 3 for o in ckpt["optimizer_states"])  # 6 batches, 3 steps each
     assert any(k.startswith("loss.discriminator.") for k in ckpt["state_dict"])
     assert not any(k.startswith("net.") for k in ckpt["state_dict"])
     assert (ae_dir / "metrics.csv").is_file() and "aeloss" in (ae_dir / "metrics.csv").read_text().splitlines()[0]
