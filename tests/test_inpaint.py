@@ -256,6 +256,23 @@ def test_other_samplers_and_seeds(tiny_model):
     assert (runs["ddim"] != runs["dpmpp"]).any()
 
 
+def test_interrupted_batch_keeps_finished_outputs(tiny_model, tmp_path):
+    for name in ("a", "b"):
+        _write_pair(tmp_path / "in", name)
+    pairs, _ = ip.find_pairs(tmp_path / "in", tmp_path / "out")
+
+    def interrupt_second(event: ip.InpaintEvent) -> None:
+        if event.kind == "step" and event.index == 1:
+            raise KeyboardInterrupt
+
+    settings = ip.InpaintSettings(steps=2, seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        ip.inpaint_pairs(tiny_model, pairs, settings, callback=interrupt_second)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["a.png"]
+    report = ip.inpaint_pairs(tiny_model, pairs, settings)
+    assert [Path(r["path"]).name for r in report.written] == ["b.png"] and report.skipped == pairs[:1]
+
+
 def test_rejects_a_model_that_does_not_inpaint(monkeypatch, tmp_path):
     from ldmcli.loading import load_model
     from tests.tinymodels import write_tiny
@@ -293,14 +310,16 @@ def test_cli_single_pair(cli, monkeypatch, tmp_path):
     assert (_read(out) == result).all()  # the same seed gives the same image
 
 
-@pytest.mark.parametrize("case", ["no_mask", "size", "not_image", "jpg_out", "no_output", "same_as_input",
+@pytest.mark.parametrize("case", ["mask_not_given", "no_mask", "size", "not_image", "jpg_out", "no_output", "same_as_input",
                                   "sampler", "both_forms", "config_without_ckpt", "nothing"])
 def test_cli_single_pair_errors(cli, tmp_path, case):
     image, mask = _write_pair(tmp_path, "photo")
     out = tmp_path / "out.png"
     args = [image, mask, "-o", out]
     expect = None
-    if case == "no_mask":
+    if case == "mask_not_given":
+        args, expect = [image, "-o", out], "no mask given"
+    elif case == "no_mask":
         args, expect = [image, tmp_path / "photo_missing.png", "-o", out], "photo_missing.png: no such file"
     elif case == "size":
         _png(mask, np.zeros((5, 5), np.uint8))
