@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Tiny models are dominated by per-op overhead: one thread is as fast as two on a quiet machine and 20-50x faster on a
+# loaded one (thread oversubscription). Subprocesses (torchrun, killed trainings) inherit it through the environment.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 REFERENCE = SHARED / "reference"
 BERT_VOCAB = SHARED / "fixtures" / "bert-base-uncased-vocab.txt"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(autouse=True)
