@@ -22,6 +22,7 @@ PHASES = {
     "exact": "exact search for held-out queries",
     "tune": "tuning recall",
     "save": "saving searcher",
+    "sample": "sampling",
 }
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 

@@ -136,13 +136,24 @@ class Database:
         return None if full is None else full[np.asarray(indices)]
 
 
-def load_database(source: str | os.PathLike, *, name: str | None = None, expected_dim: int | None = None,
-                  mmap: bool = True, callback: Progress | None = None) -> Database:
-    """Load a database folder (or one ``.npz``) without holding two copies of the embeddings.
+@dataclass(frozen=True)
+class DatabaseInfo:
+    """What the headers of a database's files say (no data read)."""
 
-    Headers of every shard are checked first (keys present, ``embedding`` 2-D floating point, equal lengths across
-    keys, one dimension across shards, ``expected_dim`` when given), so a bad file fails before any data is read.
-    """
+    name: str
+    files: list[Path]
+    sizes: list[int]
+    dim: int
+    headers: list[dict] = field(repr=False)
+
+    def __len__(self) -> int:
+        return sum(self.sizes)
+
+
+def inspect_database(source: str | os.PathLike, *, name: str | None = None,
+                     expected_dim: int | None = None) -> DatabaseInfo:
+    """Check every shard's headers without reading data: keys present, ``embedding`` 2-D floating point, equal
+    lengths across keys, one dimension across shards, ``expected_dim`` when given."""
     files = database_files(source)
     name = name or Path(source).name
     headers = []
@@ -167,10 +178,21 @@ def load_database(source: str | os.PathLike, *, name: str | None = None, expecte
     if expected_dim is not None and dim != expected_dim:
         raise UsageError(f"database '{name}' holds {dim}-d embeddings but the CLIP model gives {expected_dim}-d")
     sizes = [h["embedding"].shape[0] for h in headers]
-    total = sum(sizes)
-    if total == 0:
+    if sum(sizes) == 0:
         raise DatabaseError(f"database '{name}' is empty")
+    return DatabaseInfo(name, files, sizes, dim, headers)
 
+
+def load_database(source: str | os.PathLike, *, name: str | None = None, expected_dim: int | None = None,
+                  mmap: bool = True, callback: Progress | None = None) -> Database:
+    """Load a database folder (or one ``.npz``) without holding two copies of the embeddings.
+
+    The headers of every shard are checked first (:func:`inspect_database`), so a bad file fails before any data
+    is read.
+    """
+    info = inspect_database(source, name=name, expected_dim=expected_dim)
+    files, headers, sizes, dim, name = info.files, info.headers, info.sizes, info.dim, info.name
+    total = sum(sizes)
     if len(files) == 1:
         if callback is not None:
             callback("load", 0, 1)
