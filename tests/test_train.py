@@ -23,6 +23,16 @@ TINY_VQ = FIXTURES / "tiny-vq.yaml"
 TINY_TXT = FIXTURES / "tiny-txt.yaml"
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine OpenMP's spinning slows them down.
+    The subprocesses get OMP_NUM_THREADS=1 too, so resumed and uninterrupted runs add up in the same order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def images(tmp_path) -> Path:
     """3 classes (sub-folders) of 8 small coloured noise images, plus one unreadable file."""
@@ -163,7 +173,7 @@ def _cmd(*args) -> list[str]:
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted_run(cli, images, tmp_path):
     logs = tmp_path / "logs"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(_cmd("train-ae", "--config", TINY_KL, "--data", images, "--max-steps", "1000",
                                  "--checkpoint-every", "3", "--log-images-every", "0", "--logdir", logs),
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -197,7 +207,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(cli, images, tmp_path):
 @pytest.mark.slow
 def test_ddp_on_cpu_two_processes_see_disjoint_data(images, tmp_path):
     logs = tmp_path / "logs"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     r = subprocess.run(_cmd("train-ae", "--config", TINY_KL, "--data", images, "--max-steps", "2",
                             "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--record-examples",
                             "--log-images-every", "0", "--logdir", logs),
@@ -257,7 +267,6 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(cli, images, tmp_path, monkeypa
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
 
 
-@pytest.mark.slow
 def test_vq_first_stage_then_text_ldm_with_caption_drop_resumes_exactly(images, tmp_path, monkeypatch):
     from conftest import BERT_VOCAB
     from ldmcli import store

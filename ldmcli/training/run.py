@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ldmcli import config as model_config
-from ldmcli.errors import CheckpointError, LdmError, UsageError
+from ldmcli.errors import CheckpointError, UsageError
 from ldmcli.training import data as data_mod
 from ldmcli.training.config import (
     TrainConfig,
@@ -438,7 +438,6 @@ def train(
     callbacks: list[L.Callback] = []
     if kind == "ldm":
         callbacks.append(cb.EMAUpdate())
-    sampler_holder: dict[str, Any] = {}
     loggers: list[Any] = []
     from lightning.pytorch.loggers import CSVLogger
 
@@ -468,7 +467,6 @@ def train(
         raise UsageError(f"cannot set up training: {e}") from None
     rank, world = trainer.global_rank, trainer.world_size
     sampler = data_mod.ResumableSampler(len(dataset), seed=settings.seed, shuffle=True, rank=rank, world_size=world)
-    sampler_holder["sampler"] = sampler
     workers = data_cfg.num_workers if data_cfg.num_workers is not None else min(2 * data_cfg.batch_size,
                                                                                 os.cpu_count() or 1)
     loader = torch.utils.data.DataLoader(dataset, batch_size=data_cfg.batch_size, sampler=sampler,
