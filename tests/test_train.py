@@ -300,3 +300,25 @@ def test_vq_first_stage_then_text_ldm_with_caption_drop_resumes_exactly(images, 
         assert torch.equal(a[k], b[k]), k
     sched = torch.load(resumed.checkpoint, weights_only=True)["lr_schedulers"]
     assert sched == [] or sched[0]["last_epoch"] == 4
+
+
+def test_unconditional_ldm_trains_and_refuses_cond_drop(images, tmp_path):
+    import yaml
+
+    from ldmcli.errors import UsageError
+    from ldmcli.training.run import train
+
+    ae = train("autoencoder", TINY_KL, data_root=images, logdir=tmp_path / "logs", overrides={"max_steps": 1})
+    doc = yaml.safe_load(TINY_LDM.read_text())
+    doc["cond_stage"] = "unconditional"
+    doc["unet"].pop("context_dim")
+    doc["unet"]["use_spatial_transformer"] = False  # plain self-attention blocks
+    for key in ("cond_stage_key", "cond_stage_trainable", "conditioning_key"):
+        doc["diffusion"].pop(key)
+    config = tmp_path / "uncond.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    with pytest.raises(UsageError, match="--cond-drop needs class or text conditioning"):
+        train("ldm", config, data_root=images, first_stage=str(ae.run_dir), overrides={"cond_drop": 0.1})
+    run = train("ldm", config, data_root=images, first_stage=str(ae.run_dir), logdir=tmp_path / "logs",
+                overrides={"max_steps": 2, "log_images_every": 2})
+    assert run.global_step == 2 and not any(k.startswith("cond_stage_model.") for k in _state(run.checkpoint))
