@@ -27,6 +27,15 @@ from ldmcli.models.unet import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine OpenMP's spinning slows them down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def explicit_sdpa(q, k, v, attn_mask=None, scale=None, **_):
     """softmax(q k^T * scale) v spelled out, as the upstream code computes attention."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
