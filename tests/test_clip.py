@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,13 @@ def save_tiny_clip(folder: Path, *, dim: int = 16, image_size: int = 32, seed: i
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    # the store's asset is laid out as the openai/clip-vit-large-patch14 repository: vocab.json and merges.txt, no
+    # tokenizer.json (which transformers 5 writes), so the tests load the tokenizer the way the real asset loads
+    fast = json.loads((folder / "tokenizer.json").read_text())
+    (folder / "vocab.json").write_text(json.dumps(fast["model"]["vocab"]))
+    merges = ["#version: 0.2"] + [" ".join(m) if isinstance(m, list) else m for m in fast["model"]["merges"]]
+    (folder / "merges.txt").write_text("\n".join(merges) + "\n")
+    (folder / "tokenizer.json").unlink()
     return folder
 
 
@@ -121,3 +129,13 @@ def test_load_image_range_and_errors(tmp_path):
 def test_missing_model_folder_is_one_line_error(tmp_path):
     with pytest.raises(LdmError, match="no CLIP model"):
         ClipEncoder.from_pretrained(tmp_path)
+
+
+def test_missing_tokenizer_files_are_an_error_not_a_silent_empty_vocab(clip_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "clip"
+    shutil.copytree(clip_dir, broken)
+    (broken / "vocab.json").unlink()
+    with pytest.raises(LdmError, match="tokenizer"):
+        ClipEncoder.from_pretrained(broken)

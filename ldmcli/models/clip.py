@@ -67,6 +67,9 @@ class ClipEncoder(nn.Module):
             tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError) as e:
             raise LdmError(f"cannot load the CLIP model from {folder}: {str(e).splitlines()[0]}") from None
+        if len(tokenizer) <= 3:  # transformers builds an empty BPE when vocab.json/merges.txt are missing
+            raise LdmError(f"the CLIP tokenizer files are missing in {folder} (vocab.json and merges.txt, or "
+                           f"tokenizer.json)")
         return cls(model, tokenizer, antialias=antialias).to(device)
 
     @property
