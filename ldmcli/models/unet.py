@@ -400,7 +400,9 @@ class UNetModel(nn.Module):
             )
 
         def head_layout(ch: int, heads: int) -> tuple[int, int]:
-            # Upstream's rules, including the mutation of num_heads when num_head_channels is set.
+            # Upstream's rules (as of a506df5), including the mutation of num_heads when num_head_channels is
+            # set. The initial upstream release also forced num_heads = 1 under ``legacy``; a506df5 has that line
+            # commented out, so legacy only changes dim_head. Shapes are the same either way, numbers are not.
             if num_head_channels == -1:
                 dim_head = ch // heads
             else:
