@@ -1,0 +1,244 @@
+"""The inference fast path (ldmcli.fastpath) against the plain float32 path, on tiny random-weight models.
+
+Tolerances (relative L2 unless said otherwise):
+* float32 fast path (channels_last, inference_mode) vs plain: 1e-5 for the UNet output and the decoded image
+  (only the convolution algorithm's summation order differs);
+* bf16 (fp16 on CUDA) weights vs float32: 3e-2 for one UNet output and the decoded image (bf16 has 8 bits of
+  mantissa: a relative rounding of 4e-3 per operation); a 4-step guided DPM-Solver++ image at least 30 dB PSNR;
+* tiled decoding of a local (per-pixel) decoder: exact to 1e-6; one tile: bit-equal to the plain decode.
+Never timing. Runs on the CPU, and also on CUDA where a GPU is present.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ldmcli import fastpath
+from ldmcli.errors import UsageError
+from ldmcli.sampling import DiscreteSchedule, model_denoiser, sample_dpmpp_2m
+from ldmcli.sampling.samplers import dpmpp_timesteps
+from tests.tinymodels import build_tiny
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+LOW = {"cpu": [torch.bfloat16], "cuda": [torch.bfloat16, torch.float16]}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def tiny_txt2img(tmp_path_factory) -> torch.nn.Module:
+    return build_tiny("txt2img", tmp_path_factory.mktemp("tiny_txt2img")).eval()
+
+
+def _inputs(model, device, seed=0, batch=2):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, 8, 8, generator=g).to(device)
+    t = torch.tensor([30, 700][:batch], device=device)
+    return x, t
+
+
+def test_prepare_casts_networks_keeps_schedule_and_conditioner_float32(tiny_txt2img):
+    model = fastpath.prepare_for_inference(copy.deepcopy(tiny_txt2img), dtype=torch.bfloat16)
+    assert fastpath.network_dtype(model.model) == torch.bfloat16
+    assert fastpath.network_dtype(model.first_stage_model) == torch.bfloat16
+    assert fastpath.network_dtype(model.cond_stage_model) == torch.float32
+    assert model.alphas_cumprod.dtype == torch.float32 and model.betas.dtype == torch.float32
+    assert fastpath.is_channels_last(model.model) and fastpath.is_channels_last(model.first_stage_model)
+    assert not fastpath.is_channels_last(tiny_txt2img.model)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert model.fast_path == {"dtype": torch.bfloat16, "channels_last": True, "compiled": False}
+    # asked for: the conditioner in the networks' dtype too
+    model = fastpath.prepare_for_inference(copy.deepcopy(tiny_txt2img), dtype=torch.bfloat16, conditioner_dtype=None)
+    assert fastpath.network_dtype(model.cond_stage_model) == torch.bfloat16
+
+
+def test_prepare_rejects_what_it_cannot_prepare(tiny_txt2img):
+    with pytest.raises(UsageError, match="LatentDiffusion"):
+        fastpath.prepare_for_inference(torch.nn.Linear(2, 2))
+    with pytest.raises(UsageError, match="floating point"):
+        fastpath.prepare_for_inference(copy.deepcopy(tiny_txt2img), dtype=torch.int8)
+
+
+def _conv_inputs_not_channels_last(module: torch.nn.Module, run) -> list[str]:
+    """Names of the convolutions whose input was not channels_last during ``run()``."""
+    bad: list[str] = []
+    hooks = [
+        m.register_forward_pre_hook(
+            lambda mod, inp, n=name: bad.append(n)
+            if not inp[0].is_contiguous(memory_format=torch.channels_last) else None
+        )
+        for name, m in module.named_modules()
+        if isinstance(m, torch.nn.Conv2d)
+    ]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return bad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_convolution_sees_channels_last(tiny_txt2img, device):
+    """One memory format throughout: no convolution gets an input it would have to re-layout its weights for."""
+    model = fastpath.prepare_for_inference(copy.deepcopy(tiny_txt2img), device=device)
+    x, t = _inputs(model, device)
+    context = torch.randn(2, 77, 64, device=device)
+    xcl = fastpath.to_memory_format(x, True)
+    with fastpath.inference_context():
+        assert _conv_inputs_not_channels_last(model.model, lambda: model.apply_model(xcl, t, context)) == []
+        assert _conv_inputs_not_channels_last(model.first_stage_model, lambda: fastpath.decode_latents(model, x)) == []
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32_fast_path_matches_plain(tiny_txt2img, device):
+    plain = copy.deepcopy(tiny_txt2img).to(device)
+    fast = fastpath.prepare_for_inference(copy.deepcopy(tiny_txt2img), device=device, dtype=torch.float32)
+    x, t = _inputs(plain, device)
+    with torch.no_grad():
+        c = plain.get_learned_conditioning(["a red cube", "a blue ball"])
+        want_eps = plain.apply_model(x, t, c)
+        want_img = plain.decode_first_stage(x)
+    with fastpath.inference_context():
+        got_eps = fast.apply_model(fastpath.to_memory_format(x, True), t, c)
+        got_img = fastpath.decode_latents(fast, x)
+    assert got_eps.is_inference() and got_eps.is_contiguous(memory_format=torch.channels_last)
+    assert rel(got_eps, want_eps) < 1e-5
+    assert got_img.dtype == torch.float32 and rel(got_img, want_img) < 1e-5
+
+
+@pytest.mark.parametrize("device,dtype", [(d, dt) for d in DEVICES for dt in LOW[d]])
+def test_reduced_precision_stays_close_to_float32(tiny_txt2img, device, dtype):
+    plain = copy.deepcopy(tiny_txt2img).to(device)
+    fast = fastpath.prepare_for_inference(copy.deepcopy(tiny_txt2img), device=device, dtype=dtype)
+    x, t = _inputs(plain, device, seed=3)
+    with torch.no_grad():
+        c = plain.get_learned_conditioning(["a red cube", "a blue ball"])
+        want_eps = plain.apply_model(x, t, c)
+        want_img = plain.decode_first_stage(x)
+    with fastpath.inference_context():
+        c_fast = fast.get_learned_conditioning(["a red cube", "a blue ball"])
+        assert c_fast.dtype == torch.float32
+        got_eps = fast.apply_model(fastpath.to_memory_format(x.to(dtype), True), t, c_fast.to(dtype))
+        got_img = fastpath.decode_latents(fast, x)
+    assert got_eps.dtype == dtype
+    assert rel(got_eps.float(), want_eps) < 3e-2
+    assert rel(got_img, want_img) < 3e-2
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = float(((a.double().cpu().clamp(-1, 1) - b.double().cpu().clamp(-1, 1)) ** 2).mean())
+    return 10 * torch.log10(torch.tensor(4.0 / mse)).item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_guided_sampling_in_bf16_matches_float32_image(tiny_txt2img, device):
+    """A whole guided DPM-Solver++ run: fast bf16 path vs the plain float32 path, same seed, >= 30 dB PSNR."""
+    schedule = DiscreteSchedule.from_model(tiny_txt2img)
+    steps = dpmpp_timesteps(schedule, 4)
+    x_t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7)).to(device)
+    images = []
+    for prepare in (False, True):
+        model = copy.deepcopy(tiny_txt2img).to(device)
+        if prepare:
+            fastpath.prepare_for_inference(model, device=device, dtype=torch.bfloat16)
+        with fastpath.inference_context():
+            cond = fastpath.unique_conditioning(model.get_learned_conditioning, ["a tree"])
+            uncond = model.get_learned_conditioning([""])
+            eps = model_denoiser(model, cond, uncond, 3.0, schedule=schedule)
+            x = fastpath.to_memory_format(x_t, True) if prepare else x_t
+            z = sample_dpmpp_2m(eps, x, schedule, steps)
+            assert z.dtype == torch.float32  # the sampler state stays float32
+            images.append(fastpath.decode_latents(model, z))
+    assert _psnr(images[1], images[0]) >= 30.0
+
+
+def test_unique_conditioning_runs_each_prompt_once():
+    calls: list[list[str]] = []
+
+    def encode(prompts: list[str]) -> torch.Tensor:
+        calls.append(list(prompts))
+        return torch.stack([torch.full((3, 2), float(len(p))) for p in prompts])
+
+    prompts = ["cat", "a dog", "cat", "cat", "a dog"]
+    got = fastpath.unique_conditioning(encode, prompts)
+    assert calls == [["cat", "a dog"]]
+    assert torch.equal(got, torch.stack([torch.full((3, 2), float(len(p))) for p in prompts]))
+    nested = fastpath.unique_conditioning(lambda ps: {"c": [encode(ps)]}, ["x", "x"])
+    assert nested["c"][0].shape == (2, 3, 2)
+
+
+def _local_decoder(z: torch.Tensor) -> torch.Tensor:
+    """A decoder with no spatial context (nearest x4 upsampling, then a per-pixel map): tiling cannot change it."""
+    up = F.interpolate(z, scale_factor=4, mode="nearest")
+    return torch.tanh(up[:, :3] * 0.7 + up[:, 1:4] ** 2 * 0.1)
+
+
+@pytest.mark.parametrize("shape,tile,overlap", [((1, 4, 20, 20), 8, 2), ((2, 4, 17, 29), 8, 3),
+                                                ((1, 4, 16, 9), 6, 0), ((1, 4, 10, 10), 4, 3)])
+def test_decode_tiled_blends_to_the_whole_decode_for_a_local_decoder(shape, tile, overlap):
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    messages: list[str] = []
+    got = fastpath.decode_tiled(_local_decoder, z, tile=tile, overlap=overlap, callback=messages.append)
+    want = _local_decoder(z)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert (got - want).abs().max() < 1e-6
+    assert len(messages) > 1 and messages[-1].startswith("decoded tile")
+
+
+def test_decode_tiled_one_tile_is_the_plain_decode_and_bad_tiles_are_refused():
+    z = torch.randn(1, 4, 8, 8)
+    assert torch.equal(fastpath.decode_tiled(_local_decoder, z, tile=8, overlap=2), _local_decoder(z))
+    for tile, overlap in ((0, 0), (4, 4), (4, -1)):
+        with pytest.raises(UsageError, match="tile"):
+            fastpath.decode_tiled(_local_decoder, z, tile=tile, overlap=overlap)
+
+
+@pytest.mark.parametrize("family", ["txt2img", "cin"])
+def test_decode_latents_matches_decode_first_stage(tmp_path, family):
+    """KL and VQ (quantised once, before tiling) first stages; tiles that cover the latent give the plain decode."""
+    model = build_tiny(family, tmp_path).eval()
+    z = torch.randn(1, model.channels, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model.decode_first_stage(z)
+        assert rel(fastpath.decode_latents(model, z), want) < 1e-6
+        assert rel(fastpath.decode_latents(model, z, tile=8), want) < 1e-6
+        tiled = fastpath.decode_latents(model, torch.randn(1, model.channels, 12, 12), tile=8, overlap=4)
+    assert tiled.shape == (1, 3, 48, 48) and torch.isfinite(tiled).all()
+
+
+def test_compile_cache_lives_in_the_data_dir(data_home, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    target = fastpath.use_compile_cache()
+    assert target == data_home / "cache" / "torch_compile" and target.is_dir()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(target)
+    # a cache directory the user chose is kept
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(data_home / "mine"))
+    assert fastpath.use_compile_cache() == data_home / "mine"
+
+
+@pytest.mark.slow
+def test_compiled_unet_matches_eager(tiny_txt2img, data_home, monkeypatch):
+    """torch.compile with frozen weights: float32 output within 1e-4 of eager; the cache is written to the data dir."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    plain = copy.deepcopy(tiny_txt2img)
+    fast = fastpath.prepare_for_inference(copy.deepcopy(tiny_txt2img), compile=True)
+    x, t = _inputs(plain, "cpu")
+    c = torch.randn(2, 77, 64)
+    with torch.no_grad():
+        want = plain.apply_model(x, t, c)
+    with fastpath.inference_context():
+        got = fast.apply_model(fastpath.to_memory_format(x, True), t, c)
+    assert rel(got, want) < 1e-4
+    assert any((data_home / "cache" / "torch_compile").iterdir())
+    assert set(fast.state_dict()) == set(plain.state_dict())  # compiled in place: keys unchanged
