@@ -144,7 +144,8 @@ def main() -> None:
                     args_d = to(kw, dev, dtype, channels_last=cl)
                     y = m(**args_d)
                     if not cl and dtype != torch.float32:
-                        print(f"  {dtype}: rel err vs fp32 {rel(y.float(), out):.2e}, finite {bool(y.isfinite().all())}")
+                        finite = bool(y.isfinite().all())
+                        print(f"  {dtype}: rel err vs fp32 {rel(y.float(), out):.2e}, finite {finite}")
                     if args.no_timing:
                         continue
                     timings[(dtype, cl)] = timed(lambda: m(**args_d), args.repeats, dev)

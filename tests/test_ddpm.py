@@ -252,7 +252,8 @@ def test_apply_model_routes_each_conditioning_key():
 def test_apply_model_with_real_unets_equals_direct_calls():
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 77])
     ctx = torch.randn(2, 5, 16)
-    m = ldm(torch.nn.Identity(), unet_kw=dict(use_spatial_transformer=True, context_dim=16), conditioning_key="crossattn")
+    cross = dict(use_spatial_transformer=True, context_dim=16)
+    m = ldm(torch.nn.Identity(), unet_kw=cross, conditioning_key="crossattn")
     with torch.no_grad():
         torch.testing.assert_close(m.apply_model(x, t, ctx), m.model.diffusion_model(x, t, context=ctx))
     m = ldm(torch.nn.Identity(), unet_kw=dict(in_channels=7), conditioning_key="concat")

@@ -362,7 +362,8 @@ class LatentDiffusion(nn.Module):
         return self.first_stage_model.decode(z)
 
     def get_learned_conditioning(self, c: Any) -> Any:
-        """Run the conditioner on raw conditioning ``c`` (its ``encode`` when it has one; a posterior gives its mode)."""
+        """Run the conditioner on raw conditioning ``c``: its ``encode`` when it has one (a posterior gives its
+        mode), else its forward, or the method named by ``cond_stage_forward``."""
         if self.cond_stage_forward is None:
             encode = getattr(self.cond_stage_model, "encode", None)
             if callable(encode):
