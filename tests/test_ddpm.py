@@ -137,6 +137,7 @@ def test_model_schedule_buffers_and_lvlb_weights():
         assert sd[name].shape == (100,) and sd[name].dtype == torch.float32
     assert "lvlb_weights" not in sd and "logvar" not in sd and "scale_factor" not in sd
     assert m.num_timesteps == 100
+    assert m.device == torch.device("cpu")
     b, pv, acp = m.betas, m.posterior_variance, m.alphas_cumprod
     expected = b**2 / (2 * pv * (1 - b) * (1 - acp))
     torch.testing.assert_close(m.lvlb_weights[1:], expected[1:])

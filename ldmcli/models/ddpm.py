@@ -236,6 +236,11 @@ class LatentDiffusion(nn.Module):
             self.register_buffer("cond_ids", cond_ids, persistent=False)
 
     # -------------------------------------------------------------------------------------- dtype and train mode
+    @property
+    def device(self) -> torch.device:
+        """Where the model lives (upstream code and notebooks use Lightning's ``model.device``)."""
+        return self.betas.device
+
     def _apply(self, fn: Any, recurse: bool = True) -> LatentDiffusion:
         """``.to(dtype)`` / ``.half()`` / ``.bfloat16()`` cast the networks but keep the schedule (and
         ``scale_factor``) in float32, so samplers never see bf16-rounded alphas; device moves apply to all."""
