@@ -77,6 +77,13 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
     return value
 
 
+def _network_dtype(model: Any) -> torch.dtype | None:
+    network = getattr(model, "model", model)  # a LatentDiffusion's UNet wrapper; the conditioner may differ
+    if not hasattr(network, "parameters"):
+        return None
+    return next((p.dtype for p in network.parameters() if p.is_floating_point()), None)
+
+
 def model_denoiser(
     model: Any,
     cond: Any = None,
@@ -85,19 +92,29 @@ def model_denoiser(
     *,
     schedule: DiscreteSchedule | None = None,
     dtype: torch.dtype | None = None,
+    channels_last: bool | None = None,
 ) -> EpsModel:
     """The eps callable for a ``LatentDiffusion``: guidance around ``model.apply_model``, x0 models adapted to eps.
 
-    ``dtype`` (default: the model's parameter dtype) is what the network runs in; inputs are cast to it and its
-    output back to the sampler state's dtype (float32), so only the network runs in reduced precision.
+    ``dtype`` (default: the UNet's parameter dtype) is what the network runs in; inputs and conditioning are cast to
+    it and its output back to the sampler state's dtype (float32), so only the network runs in reduced precision.
+    ``channels_last`` (default: what :func:`ldmcli.fastpath.prepare_for_inference` recorded on the model) feeds the
+    network channels_last inputs so no convolution re-lays out its weights.
     """
     if dtype is None:
-        dtype = next((p.dtype for p in model.parameters()), torch.float32) if hasattr(model, "parameters") else None
-    if dtype is not None and dtype != torch.float32:
+        dtype = _network_dtype(model)
+    if channels_last is None:
+        channels_last = bool(getattr(model, "fast_path", {}).get("channels_last", False))
+    cast = dtype is not None and dtype != torch.float32
+    if cast:
         cond, uncond = _cast(cond, dtype), _cast(uncond, dtype)
+    if cast or channels_last:
 
         def apply(x: Tensor, t: Tensor, c: Any) -> Tensor:
-            return model.apply_model(x.to(dtype), t, c).to(x.dtype)
+            x_in = x.to(dtype) if cast else x
+            if channels_last and x_in.dim() == 4:
+                x_in = x_in.contiguous(memory_format=torch.channels_last)
+            return model.apply_model(x_in, t, c).to(x.dtype)
 
     else:
         apply = model.apply_model

@@ -1,0 +1,522 @@
+"""The library behind ``ldm txt2img`` and ``ldm sample``: plan the images of a run, condition, sample, decode, write.
+
+A run is a list of *items* (one per image of an iteration: a prompt, a class id, or None for unconditional models)
+cut into batches and repeated ``n_iter`` times, as upstream's scripts do. Every image has its own seed,
+``seed + iteration * len(items) + item_index``, drawn from its own CPU ``torch.Generator`` (the initial noise and,
+for stochastic samplers, every later noise draw), so an image depends neither on what else is in its batch, nor on
+the device's RNG, nor on how many processes share the run. Under ``torchrun`` the batches are dealt round-robin to
+the ranks (:func:`distributed`); seeds do not change with the number of ranks.
+
+The conditioner runs once per distinct prompt (and the unconditional "" once per run). Files are written per batch as
+soon as they are decoded (:mod:`ldmcli.output`), so an interrupted run keeps every image it finished. Progress goes
+through ``callback(GenerationEvent)``; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ldmcli import __version__, paths
+from ldmcli.errors import UsageError
+from ldmcli.output import ImageWriter, WrittenFile, to_uint8
+from ldmcli.sampling import (
+    SAMPLERS,
+    DiscreteSchedule,
+    SamplerStep,
+    ddim_timesteps,
+    dpmpp_timesteps,
+    model_denoiser,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp_2m,
+    sample_plms,
+)
+
+MAX_SEED = 2**63 - 1
+
+
+# ------------------------------------------------------------------------------------------------------ settings
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """Which sampler, how many steps, DDIM's eta and the classifier-free guidance scale."""
+
+    sampler: str = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+    scale: float = 1.0
+
+    def validate(self, num_timesteps: int = 1000) -> None:
+        """Raise a one-line :class:`UsageError` for an unknown sampler, steps out of range, or a bad eta."""
+        if self.sampler not in SAMPLERS:
+            raise UsageError(f"unknown sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        if self.sampler != "ddpm" and not 1 <= self.steps <= num_timesteps:
+            raise UsageError(f"steps must be between 1 and {num_timesteps}, got {self.steps}")
+        if not np.isfinite(self.eta) or self.eta < 0:
+            raise UsageError(f"eta must be >= 0, got {self.eta}")
+        if self.eta != 0 and self.sampler != "ddim":
+            raise UsageError(f"eta applies to DDIM only: {self.sampler.upper()} needs eta 0, got {self.eta}")
+        if not np.isfinite(self.scale):
+            raise UsageError(f"the guidance scale must be a number, got {self.scale}")
+
+    def timesteps(self, schedule: DiscreteSchedule) -> np.ndarray:
+        """The sampler's grid (ascending for DDIM/PLMS/DDPM, descending for DPM-Solver++)."""
+        if self.sampler in ("ddim", "plms"):
+            return ddim_timesteps(self.steps, schedule.num_timesteps)
+        if self.sampler == "dpmpp":
+            return dpmpp_timesteps(schedule, min(self.steps, schedule.num_timesteps - 1))
+        return np.arange(schedule.num_timesteps)
+
+    def num_steps(self, schedule: DiscreteSchedule) -> int:
+        """Sampler steps per batch (upstream's DDIM grid can have more points than ``steps``)."""
+        grid = self.timesteps(schedule)
+        return len(grid) - 1 if self.sampler == "dpmpp" else len(grid)
+
+
+def sample_latents(
+    model: Any,
+    x_T: torch.Tensor,
+    cond: Any,
+    uncond: Any,
+    settings: SamplerSettings,
+    *,
+    schedule: DiscreteSchedule | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    callback: Callable[[SamplerStep], None] | None = None,
+) -> torch.Tensor:
+    """Run the chosen sampler on ``model`` from ``x_T`` with guidance ``scale`` (``uncond`` first, as upstream)."""
+    schedule = schedule or DiscreteSchedule.from_model(model)
+    eps = model_denoiser(model, cond, uncond, settings.scale, schedule=schedule)
+    grid = settings.timesteps(schedule)
+    if settings.sampler == "ddim":
+        return sample_ddim(eps, x_T, schedule, grid, eta=settings.eta, generator=generator, callback=callback)
+    if settings.sampler == "plms":
+        return sample_plms(eps, x_T, schedule, grid, callback=callback)
+    if settings.sampler == "dpmpp":
+        return sample_dpmpp_2m(eps, x_T, schedule, grid, callback=callback)
+    return sample_ddpm(eps, x_T, schedule, generator=generator, callback=callback)
+
+
+# ---------------------------------------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class Job:
+    """One batch: the item of each image (prompt, class id or None), its index in the run's items, and its seed."""
+
+    index: int
+    iteration: int
+    items: tuple[Any, ...]
+    item_indices: tuple[int, ...]
+    seeds: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def plan_jobs(items: Sequence[Any], batch_size: int, n_iter: int, seed: int) -> list[Job]:
+    """Cut ``items`` into batches of ``batch_size`` and repeat ``n_iter`` times (iteration-major, as upstream).
+
+    Image seed: ``seed + iteration * len(items) + item_index``; with one prompt repeated ``n_samples`` times this is
+    ``seed + image number``, so ``--seed S --n_samples 1`` reproduces the first image of a run with seed S.
+    """
+    if batch_size < 1 or n_iter < 1 or not items:
+        raise ValueError("plan_jobs needs items, batch_size >= 1 and n_iter >= 1")
+    jobs: list[Job] = []
+    for iteration in range(n_iter):
+        for start in range(0, len(items), batch_size):
+            idx = tuple(range(start, min(start + batch_size, len(items))))
+            seeds = tuple((seed + iteration * len(items) + i) % (MAX_SEED + 1) for i in idx)
+            jobs.append(Job(len(jobs), iteration, tuple(items[i] for i in idx), idx, seeds))
+    return jobs
+
+
+def rank_jobs(jobs: Sequence[Job], rank: int, world_size: int) -> list[Job]:
+    """The batches rank ``rank`` of ``world_size`` runs: every ``world_size``-th, starting at ``rank``."""
+    return [job for job in jobs if job.index % world_size == rank]
+
+
+def random_seed() -> int:
+    """A fresh seed for runs without ``--seed`` (recorded in every image, so the run can be repeated)."""
+    return secrets.randbelow(2**31)
+
+
+# ---------------------------------------------------------------------------------------------------- torchrun
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+
+def torchrun_env() -> Distributed:
+    """Rank and world size from ``torchrun``'s environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise UsageError("RANK, WORLD_SIZE and LOCAL_RANK must be integers") from None
+    if world < 1 or not 0 <= rank < world:
+        raise UsageError(f"bad torchrun environment: RANK={rank}, WORLD_SIZE={world}")
+    return Distributed(rank, world, local)
+
+
+@contextlib.contextmanager
+def distributed(device: torch.device) -> Iterator[Distributed]:
+    """Join the process group when launched by ``torchrun`` with more than one process (gloo on the CPU, nccl on
+    CUDA); a plain run is rank 0 of 1 and touches nothing."""
+    env = torchrun_env()
+    if env.world_size == 1:
+        yield env
+        return
+    import torch.distributed as dist
+
+    created = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        created = True
+    try:
+        yield env
+        dist.barrier()
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def rank_device(device: torch.device, env: Distributed) -> torch.device:
+    """One GPU per process under torchrun: ``cuda`` becomes ``cuda:LOCAL_RANK``."""
+    if device.type == "cuda" and device.index is None and env.world_size > 1:
+        return torch.device("cuda", env.local_rank)
+    return device
+
+
+def shared_seed(seed: int | None, env: Distributed) -> int:
+    """The run's seed: the given one, or a random one chosen by rank 0 and shared with the other ranks."""
+    if seed is not None:
+        return seed
+    value = random_seed()
+    if env.world_size > 1:
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        value = int(box[0])
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ conditioning
+
+
+class Conditioner:
+    """Unconditional models: no conditioning."""
+
+    def __call__(self, job: Job) -> tuple[Any, Any]:
+        return None, None
+
+
+class TextConditioner(Conditioner):
+    """Text prompts through the model's conditioner (BERT for the LDMs), once per distinct prompt per run, and the
+    unconditional "" once per run (only when guidance needs it)."""
+
+    def __init__(self, model: Any, scale: float) -> None:
+        self.model = model
+        self.scale = scale
+        self.cache: dict[str, torch.Tensor] = {}
+        self.encoded = 0
+
+    def _rows(self, prompts: Sequence[str]) -> torch.Tensor:
+        missing = list(dict.fromkeys(p for p in prompts if p not in self.cache))
+        if missing:
+            out = self.model.get_learned_conditioning(missing)
+            self.encoded += len(missing)
+            for i, p in enumerate(missing):
+                self.cache[p] = out[i : i + 1]
+        return torch.cat([self.cache[p] for p in prompts])
+
+    def __call__(self, job: Job) -> tuple[Any, Any]:
+        cond = self._rows(list(job.items))
+        uncond = self._rows([""] * len(job)) if self.scale != 1.0 else None
+        return cond, uncond
+
+
+class ClassConditioner(Conditioner):
+    """Class labels through the model's ``ClassEmbedder`` (as upstream's ``{cond_stage_key: labels}`` batch); the
+    unconditional input is the null class (cin256-v2: 1000)."""
+
+    def __init__(self, model: Any, scale: float, null_class: int | None) -> None:
+        self.model = model
+        self.scale = scale
+        self.null_class = null_class
+        self.key = getattr(model, "cond_stage_key", "class_label")
+        self.device = next(model.parameters()).device
+
+    def _embed(self, labels: Sequence[int]) -> torch.Tensor:
+        return self.model.get_learned_conditioning({self.key: torch.tensor(list(labels), device=self.device)})
+
+    def __call__(self, job: Job) -> tuple[Any, Any]:
+        cond = self._embed(job.items)
+        uncond = None
+        if self.scale != 1.0 and self.null_class is not None:
+            uncond = self._embed([self.null_class] * len(job))
+        return cond, uncond
+
+
+# ------------------------------------------------------------------------------------------------------- sha256
+
+
+def cached_sha256(path: str | os.PathLike, known: str | None = None) -> str | None:
+    """sha256 of a checkpoint, cached by path, size and mtime in ``<data dir>/cache/sha256.json`` (a big checkpoint
+    is hashed once, not on every run)."""
+    if known:
+        return known
+    path = Path(path)
+    if not path.is_file():
+        return None
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache_file = paths.cache_dir() / "sha256.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if isinstance(cache, dict) and isinstance(cache.get(key), str):
+        return cache[key]
+    from ldmcli.loading import sha256_file
+
+    value = sha256_file(path)
+    try:
+        cache = cache if isinstance(cache, dict) else {}
+        cache[key] = value
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=0))
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass  # a read-only data dir only costs the cache
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------- run
+
+
+@dataclass(frozen=True)
+class GenerationEvent:
+    """Progress of a run: after every sampler step (``kind="step"``) and every written file (``kind="file"``)."""
+
+    kind: str
+    steps_done: int
+    steps_total: int
+    images_done: int
+    images_total: int
+    file: WrittenFile | None = None
+
+
+@dataclass
+class GenerationResult:
+    files: list[WrittenFile] = field(default_factory=list)
+    images: int = 0
+    seconds: float = 0.0
+    seed: int = 0
+
+
+MetadataFn = Callable[[Job, int], Mapping[str, Any]]
+
+
+def generate(
+    model: Any,
+    jobs: Sequence[Job],
+    *,
+    conditioner: Conditioner,
+    shape: Sequence[int],
+    settings: SamplerSettings,
+    writer: ImageWriter,
+    metadata: MetadataFn,
+    grid_metadata: Mapping[str, Any] | None = None,
+    grid_per_row: int | None = None,
+    device: torch.device | str = "cpu",
+    decode_tile: int | None = None,
+    callback: Callable[[GenerationEvent], None] | None = None,
+) -> GenerationResult:
+    """Sample, decode and write every job's images (one PNG each, with ``metadata(job, k)``), then one grid of the
+    run's images (``grid_per_row`` to a row; None: no grid). ``shape`` is the latent (C, H, W)."""
+    from ldmcli.fastpath import decode_latents, inference_context
+
+    device = torch.device(device)
+    schedule = DiscreteSchedule.from_model(model)
+    per_batch = settings.num_steps(schedule)
+    steps_total = per_batch * len(jobs)
+    images_total = sum(len(job) for job in jobs)
+    result = GenerationResult()
+    grid_images: list[np.ndarray] = []
+    started = time.perf_counter()
+    done_steps = 0
+
+    def emit(kind: str, file: WrittenFile | None = None) -> None:
+        if callback is not None:
+            callback(GenerationEvent(kind, done_steps, steps_total, result.images, images_total, file))
+
+    with inference_context():
+        for job in jobs:
+            generators = [torch.Generator("cpu").manual_seed(s) for s in job.seeds]
+            x_T = torch.stack([torch.randn(tuple(shape), generator=g) for g in generators]).to(device)
+            cond, uncond = conditioner(job)
+            base = done_steps
+
+            def on_step(step: SamplerStep, base: int = base) -> None:
+                nonlocal done_steps
+                done_steps = base + step.i + 1
+                emit("step")
+
+            latents = sample_latents(model, x_T, cond, uncond, settings, schedule=schedule, generator=generators,
+                                     callback=on_step)
+            done_steps = base + per_batch
+            pixels = to_uint8(decode_latents(model, latents, tile=decode_tile))
+            for k in range(len(job)):
+                written = writer.write_sample(pixels[k], metadata(job, k))
+                result.files.append(written)
+                result.images += 1
+                emit("file", written)
+            if grid_per_row is not None:
+                grid_images.extend(pixels)
+    if grid_per_row is not None and grid_images:
+        written = writer.write_grid(np.stack(grid_images), grid_per_row, grid_metadata or {})
+        result.files.append(written)
+        emit("file", written)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def base_metadata(model: Any, model_name: str, settings: SamplerSettings, dtype: torch.dtype) -> dict[str, Any]:
+    """Settings shared by every image of a run: model, checkpoint, sampler and software version."""
+    schedule = DiscreteSchedule.from_model(model)
+    return {
+        "model": model_name,
+        "checkpoint": str(getattr(model, "ckpt_path", "") or ""),
+        "checkpoint_sha256": cached_sha256(getattr(model, "ckpt_path", ""), getattr(model, "ckpt_sha256", None)),
+        "sampler": settings.sampler,
+        "steps": settings.steps if settings.sampler != "ddpm" else schedule.num_timesteps,
+        "sampler_steps": settings.num_steps(schedule),
+        "scale": settings.scale,
+        "eta": settings.eta,
+        "precision": str(dtype).removeprefix("torch."),
+        "ldmcli_version": __version__,
+    }
+
+
+# ------------------------------------------------------------------------------------------ models and validation
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What to load: ``target`` (zoo name, config path or run folder) and ``ckpt`` for :func:`load_model`, the config
+    read without loading weights (None for a ``.safetensors`` that carries its own), and a name for the records."""
+
+    target: str
+    ckpt: Path | None
+    config: Any
+    name: str
+
+
+def _read_config(path: Path) -> Any:
+    from ldmcli import config
+
+    return config.load_config(path)
+
+
+def resolve_model(model: str | None, config_path: Path | None = None, ckpt: Path | None = None) -> ModelSource:
+    """Resolve ``--model NAME`` or ``--config FILE --ckpt FILE`` to a :class:`ModelSource`, reading only the config
+    (an unknown zoo name, a missing file or a config without checkpoint is a UsageError here, before any loading)."""
+    from ldmcli import zoo
+
+    if config_path is not None:
+        if not Path(config_path).is_file():
+            raise UsageError(f"--config: file not found: {config_path}")
+        if ckpt is None:
+            raise UsageError("--config needs --ckpt (the checkpoint to load with it)")
+        if not Path(ckpt).is_file():
+            raise UsageError(f"--ckpt: file not found: {ckpt}")
+        return ModelSource(str(config_path), Path(ckpt), _read_config(Path(config_path)), str(ckpt))
+    if model is None:
+        raise UsageError("name a model (a zoo name) or pass --config and --ckpt")
+    if ckpt is not None:
+        if not Path(ckpt).is_file():
+            raise UsageError(f"--ckpt: file not found: {ckpt}")
+    path = Path(model).expanduser()
+    if path.suffix == ".safetensors" and path.is_file():
+        return ModelSource(str(path), None, None, str(path))
+    if path.is_dir() or path.suffix in (".ckpt", ".yaml", ".yml", ".json") or "/" in model:
+        return resolve_run(path)
+    entry = zoo.get(model)  # UnknownModelError (exit 2) for a name not in the zoo
+    if entry.checkpoint is None:
+        raise UsageError(f"{entry.name} is a {entry.kind.replace('_', ' ')}, not a diffusion model")
+    from ldmcli import config
+
+    if entry.config and Path(entry.config).is_absolute():
+        cfg = config.load_config(entry.config)
+    else:
+        cfg = config.load_config(entry.arch or entry.name)
+    return ModelSource(entry.name, ckpt, cfg, entry.name)
+
+
+def resolve_run(path: str | os.PathLike) -> ModelSource:
+    """``-r/--resume`` as upstream's sample_diffusion.py: a checkpoint file (its config is ``config.yaml`` beside it
+    or one folder up, as ``ldm train-ldm`` writes them) or a folder holding ``config.yaml`` and ``model.ckpt``
+    (or ``model.safetensors``, ``checkpoints/last.ckpt``)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UsageError(f"cannot find {path}")
+    if path.is_dir():
+        folder = path
+        candidates = [folder / n for n in ("model.safetensors", "model.ckpt", "last.ckpt")]
+        candidates.append(folder / "checkpoints" / "last.ckpt")
+        ckpt = next((c for c in candidates if c.is_file()), None)
+        if ckpt is None:
+            raise UsageError(f"{path} holds no model.ckpt (nor model.safetensors or checkpoints/last.ckpt)")
+        configs = [folder / "config.yaml", ckpt.parent / "config.yaml"]
+    else:
+        if path.suffix in (".yaml", ".yml", ".json"):
+            raise UsageError(f"{path} is a config: pass --config {path} --ckpt CHECKPOINT")
+        ckpt = path
+        configs = [path.parent / "config.yaml", path.parent.parent / "config.yaml"]
+    config_file = next((c for c in configs if c.is_file()), None)
+    if config_file is None:
+        if ckpt.suffix == ".safetensors":
+            return ModelSource(str(ckpt), None, None, str(path))
+        raise UsageError(f"no config.yaml next to {ckpt} (or one folder up)")
+    return ModelSource(str(config_file), ckpt, _read_config(config_file), str(path))
+
+
+def check_image_size(cfg: Any, height: int, width: int, name: str) -> tuple[int, int, int]:
+    """The latent shape (C, H/f, W/f) for an image of ``height`` x ``width``, which must be a multiple of the
+    downsampling factor f times the UNet's total downsampling (sizes above the training size run convolutionally)."""
+    if height < 1 or width < 1:
+        raise UsageError(f"--H and --W must be positive, got {height}x{width}")
+    f = cfg.downsampling_factor
+    levels = 2 ** (len(cfg.ldm.unet.channel_mult) - 1)
+    if height % (f * levels) or width % (f * levels):
+        raise UsageError(f"--H and --W must be multiples of {f * levels} for {name} (downsampling factor {f}, "
+                         f"{levels}x inside the UNet), got {height}x{width}")
+    return cfg.latent_channels, height // f, width // f
+
+
+def class_range(cfg: Any) -> tuple[int, int | None]:
+    """(number of real classes, null class id or None) of a class-conditional config: 1000 classes and no null class
+    for upstream's cin256; otherwise the last id is the null class (cin256-v2: 1000; ``train-ldm --cond-drop``)."""
+    n = int(cfg.ldm.cond_stage.params.n_classes)
+    if n == 1000:
+        return 1000, None
+    return n - 1, n - 1
