@@ -187,6 +187,8 @@ def distributed(device: torch.device) -> Iterator[Distributed]:
 
     created = False
     if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(rank_device(device, env))  # nccl needs each process on its own GPU first
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         created = True
     try:
@@ -315,7 +317,8 @@ def cached_sha256(path: str | os.PathLike, known: str | None = None) -> str | No
 
 @dataclass(frozen=True)
 class GenerationEvent:
-    """Progress of a run: after every sampler step (``kind="step"``) and every written file (``kind="file"``)."""
+    """Progress of a run: once before the first batch (``kind="start"``), after every sampler step (``"step"``) and
+    after every written file (``"file"``)."""
 
     kind: str
     steps_done: int
@@ -369,6 +372,7 @@ def generate(
         if callback is not None:
             callback(GenerationEvent(kind, done_steps, steps_total, result.images, images_total, file))
 
+    emit("start")
     with inference_context():
         for job in jobs:
             generators = [torch.Generator("cpu").manual_seed(s) for s in job.seeds]

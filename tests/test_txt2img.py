@@ -176,6 +176,18 @@ def test_ctrl_c_keeps_finished_images(cli, tiny, tmp_path, monkeypatch):
     assert "interrupted: kept 2 images" in r.stderr
 
 
+def test_progress_bar_on_a_terminal(cli, tiny, tmp_path, monkeypatch):
+    """On a terminal: one bar over all steps of the run (2 batches x 3 steps) with images/s, on stderr."""
+    import ldmcli.commands.txt2img as command
+
+    monkeypatch.setattr(command, "is_interactive", lambda: True)
+    r = cli("txt2img", "a cat", "--model", "tiny-txt2img", "--n_samples", "1", "--n_iter", "2", "--outdir",
+            tmp_path / "out", *FAST)
+    assert r.exit_code == 0, r
+    assert "sampling" in r.stderr and "6/6" in r.stderr and "images/s" in r.stderr, r.stderr
+    assert r.stdout == ""
+
+
 BAD_INPUTS = [
     (["a", "--H", "30"], "multiples of"),
     (["a", "--W", "36"], "multiples of"),
