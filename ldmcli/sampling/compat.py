@@ -106,8 +106,9 @@ class _UpstreamSampler:
         self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=verbose)
         size = (batch_size, *shape)
         device = _model_device(self.model)
-        if x_T is None:
-            x_T = torch.randn(size, generator=generator, device=device)
+        if x_T is None:  # upstream draws from the global RNG on the model's device; a generator draws on its own
+            source = generator.device if generator is not None else device
+            x_T = torch.randn(size, generator=generator, device=source).to(device)
         eps = model_denoiser(
             self.model, conditioning, unconditional_conditioning, unconditional_guidance_scale, schedule=self._schedule
         )
