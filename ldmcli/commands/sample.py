@@ -13,39 +13,39 @@ from ldmcli.errors import UsageError
 
 
 def sample_command(
-    model: Optional[str] = typer.Argument(None, metavar="[MODEL]", help="Zoo name (celeba256, ffhq256, "
+    model: Optional[str] = typer.Argument(None, metavar="MODEL", help="Zoo name (celeba256, ffhq256, "
                                           "lsun_churches256, lsun_beds256, cin256, cin256-v2), or a run folder / "
                                           "checkpoint as with -r.", show_default=False),
     resume: Optional[Path] = typer.Option(None, "--resume", "-r", help="A checkpoint, or a log dir holding "
                                           "config.yaml and model.ckpt (as upstream; also ldm train-ldm runs).",
                                           show_default=False),
     logdir: Optional[Path] = typer.Option(None, "--logdir", "-l", "--outdir", help="Where samples/ and grids go "
-                                          "[default: outputs/<model>-samples].", show_default=False),
+                                          "(default: outputs/<model>-samples).", show_default=False),
     n_samples: int = typer.Option(4, "--n_samples", "-n", "--n-samples", help="Images to draw (per class with "
                                   "--class)."),
     batch_size: int = typer.Option(10, "--batch_size", "--batch-size", help="Images per sampler batch."),
     custom_steps: int = typer.Option(50, "--custom_steps", "-c", "--steps", help="Sampler steps (DDIM, PLMS, "
                                      "DPM-Solver++)."),
-    eta: Optional[float] = typer.Option(None, "--eta", "-e", help="DDIM eta [default: 1.0 for DDIM as upstream, 0 "
-                                        "for the other samplers].", show_default=False),
+    eta: Optional[float] = typer.Option(None, "--eta", "-e", help="DDIM eta (default: 1.0 for DDIM as upstream, 0 "
+                                        "for the other samplers).", show_default=False),
     vanilla_sample: bool = typer.Option(False, "--vanilla_sample", "-v", "--vanilla-sample", help="Ancestral DDPM "
                                         "sampling over the full chain (shorthand for --sampler ddpm)."),
-    sampler: Optional[str] = typer.Option(None, "--sampler", help="ddim, plms, dpmpp or ddpm [default: ddim].",
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="ddim, plms, dpmpp or ddpm (default: ddim).",
                                           show_default=False),
     classes: Optional[List[int]] = typer.Option(None, "--class", help="Class id for class-conditional models "
                                                 "(repeatable; 0-999 for cin256/cin256-v2).", show_default=False),
     scale: float = typer.Option(1.0, "--scale", help="Classifier-free guidance scale for class-conditional models "
                                 "with a null class (cin256-v2: class 1000; the notebook uses 3.0)."),
-    null_class: Optional[int] = typer.Option(None, "--null-class", help="The unconditional class id [default: the "
-                                             "last class, except for 1000-class models such as cin256].",
+    null_class: Optional[int] = typer.Option(None, "--null-class", help="The unconditional class id (default: the "
+                                             "last class, except for 1000-class models such as cin256).",
                                              show_default=False),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed: image i uses seed + i [default: random].",
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed: image i uses seed + i (default: random).",
                                        show_default=False),
-    n_rows: int = typer.Option(0, "--n_rows", "--n-rows", help="Images per grid row [default: n_samples per class, "
-                               "else the batch size]."),
+    n_rows: int = typer.Option(0, "--n_rows", "--n-rows", help="Images per grid row (default: n_samples per class, "
+                               "else the batch size).", show_default=False),
     skip_grid: bool = typer.Option(False, "--skip-grid", "--skip_grid", help="Do not write the grid."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps [default: best "
-                                         "available].", show_default=False),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps (default: best "
+                                         "available).", show_default=False),
     precision: str = typer.Option("auto", "--precision", help="fp32, bf16, fp16 or auto."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON record per written file on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),

@@ -139,7 +139,7 @@ def pick_sampler(sampler: Optional[str], plms: bool, vanilla: bool = False) -> s
 
 
 def txt2img_command(
-    prompt_arg: Optional[str] = typer.Argument(None, metavar="[PROMPT]", help="The prompt to render.",
+    prompt_arg: Optional[str] = typer.Argument(None, metavar="PROMPT", help="The prompt to render.",
                                                show_default=False),
     prompt_opt: Optional[str] = typer.Option(None, "--prompt", help="The prompt (as upstream's script takes it).",
                                              show_default=False),
@@ -154,21 +154,22 @@ def txt2img_command(
     ddim_steps: int = typer.Option(50, "--ddim_steps", "--ddim-steps", "--steps", help="Sampling steps."),
     plms: bool = typer.Option(False, "--plms", help="Shorthand for --sampler plms."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="ddim, plms, dpmpp (DPM-Solver++(2M)) or ddpm "
-                                          "(the full 1000-step chain) [default: ddim].", show_default=False),
+                                          "(the full 1000-step chain) (default: ddim).", show_default=False),
     ddim_eta: float = typer.Option(0.0, "--ddim_eta", "--ddim-eta", "--eta", help="DDIM eta (0: deterministic)."),
     n_iter: int = typer.Option(1, "--n_iter", "--n-iter", help="Repeat the whole run this often (grid rows)."),
     height: int = typer.Option(256, "--H", help="Image height in pixels (larger than 256 runs convolutionally)."),
     width: int = typer.Option(256, "--W", help="Image width in pixels."),
     n_samples: int = typer.Option(4, "--n_samples", "--n-samples", help="Images per prompt per iteration; with "
                                   "--from-file, prompts per batch."),
-    n_rows: int = typer.Option(0, "--n_rows", "--n-rows", help="Images per grid row [default: n_samples]."),
+    n_rows: int = typer.Option(0, "--n_rows", "--n-rows", help="Images per grid row (default: n_samples).",
+                                show_default=False),
     scale: float = typer.Option(5.0, "--scale", help="Classifier-free guidance scale: eps(x, '') + scale * "
                                 "(eps(x, prompt) - eps(x, '')); 1 disables guidance."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed: image i of a prompt's run uses seed + i "
-                                       "[default: random, recorded in every PNG].", show_default=False),
+                                       "(default: random, recorded in every PNG).", show_default=False),
     skip_grid: bool = typer.Option(False, "--skip-grid", "--skip_grid", help="Do not write the grid."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps [default: best "
-                                         "available].", show_default=False),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps (default: best "
+                                         "available).", show_default=False),
     precision: str = typer.Option("auto", "--precision", help="fp32, bf16, fp16 or auto (bf16 where the hardware "
                                   "has it natively)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON record per written file on stdout."),
