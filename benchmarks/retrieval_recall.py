@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000, help="fresh held-out queries for the acceptance check")
     parser.add_argument("--target-recall", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-spherical", action="store_true", help="upstream's plain k-means tree")
     args = parser.parse_args()
 
     from ldmcli import paths
@@ -77,10 +78,12 @@ def main() -> None:
 
         db = load_database(folder)
         t = time.perf_counter()
-        report = build_index(db, options=SearcherOptions(target_recall=args.target_recall, seed=args.seed))
+        report = build_index(db, options=SearcherOptions(target_recall=args.target_recall, seed=args.seed,
+                                                                 spherical=not args.no_spherical))
         build_s = time.perf_counter() - t
         plan = report.plan
-        print(f"searcher: {plan['kind']}, {plan['num_leaves']} leaves, training sample {plan['training_sample_size']}, "
+        print(f"searcher: {plan['kind']}, {plan['num_leaves']} leaves ({'spherical' if plan['spherical'] else 'plain'} "
+              f"k-means), training sample {plan['training_sample_size']}, "
               f"upstream query settings: reordering {plan['reorder']}, {plan['leaves_to_search']} leaves")
         print(f"build (train + exact + tune + save): {build_s:.1f} s; tuned defaults: reordering "
               f"{report.pre_reorder_num_neighbors}, {report.leaves_to_search} leaves; leave-one-out recall@10 "

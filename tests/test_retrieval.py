@@ -115,6 +115,7 @@ def test_plan_follows_upstream_thresholds():
     assert (ah.kind, ah.reorder, ah.anisotropic_threshold, ah.dims_per_block) == ("ah", 40, 0.2, 2)
     tree = plan_searcher(250_000)
     assert (tree.kind, tree.num_leaves, tree.leaves_to_search, tree.training_sample_size) == ("tree_ah", 500, 25, 25_000)
+    assert tree.spherical and not plan_searcher(250_000, SearcherOptions(spherical=False)).spherical
     custom = plan_searcher(3000, SearcherOptions(brute_force_below=100, tree_from=1000, num_leaves=10, knn=5))
     assert (custom.kind, custom.num_leaves, custom.leaves_to_search, custom.reorder) == ("tree_ah", 10, 1, 10)
     with pytest.raises(UsageError):
@@ -137,6 +138,7 @@ REGIMES = [
     ("brute", 300, [], "brute_force"),
     ("ah", 1200, ["--brute-force-below", "1000"], "ah"),
     ("tree", 2500, ["--brute-force-below", "1000", "--tree-from", "2000"], "tree_ah"),
+    ("tree-upstream", 2500, ["--brute-force-below", "1000", "--tree-from", "2000", "--no-spherical"], "tree_ah"),
 ]
 
 
@@ -158,6 +160,7 @@ def test_build_index_cli_in_each_scann_regime(cli, name, n, extra, kind):
     assert [p.name for p in folder.parent.iterdir()] == [name]  # no temporary folder left behind
     if kind == "tree_ah":
         assert report["plan"]["num_leaves"] == 50 and report["plan"]["leaves_to_search"] == 2
+        assert report["plan"]["spherical"] == ("--no-spherical" not in extra)
     # the saved searcher, with its stored defaults, finds the exact neighbours of fresh queries
     retriever = Retriever.open(name)
     queries = clustered(100, seed=n + 1)

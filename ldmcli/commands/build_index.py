@@ -99,6 +99,8 @@ def build_index_command(
     anisotropic_threshold: float = typer.Option(0.2, "--anisotropic-threshold",
                                                 help="Anisotropic quantization threshold of AH."),
     dims_per_block: int = typer.Option(2, "--dims-per-block", min=1, help="Dimensions per AH block."),
+    spherical: bool = typer.Option(True, "--spherical/--no-spherical", help="Spherical k-means for the tree "
+                                   "(--no-spherical: upstream's plain k-means)."),
     seed: int = typer.Option(0, "--seed", help="Seed for choosing held-out queries."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per CLIP batch (--from-images)."),
     shard_size: int = typer.Option(1024, "--shard-size", min=1, help="Images per .npz shard (--from-images)."),
@@ -122,7 +124,7 @@ def build_index_command(
     options = SearcherOptions(knn=knn, brute_force_below=brute_force_below, tree_from=tree_from, num_leaves=num_leaves,
                               leaves_to_search=leaves_to_search, training_sample_size=training_sample_size,
                               reorder=reorder, anisotropic_threshold=anisotropic_threshold,
-                              dims_per_block=dims_per_block, target_recall=target_recall, recall_k=recall_k,
+                              dims_per_block=dims_per_block, spherical=spherical, target_recall=target_recall, recall_k=recall_k,
                               n_queries=queries, max_reorder=max_reorder, tune=tune, seed=seed)
     with PhaseProgress(enabled=not quiet) as progress:
         if from_images is not None:

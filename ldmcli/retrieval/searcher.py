@@ -51,6 +51,7 @@ class SearcherOptions:
     reorder: int | None = None  # 2 * knn
     anisotropic_threshold: float = 0.2
     dims_per_block: int = 2
+    spherical: bool = True  # spherical k-means for the tree (upstream: False); the embeddings are unit vectors
     # tuning
     target_recall: float = 0.95
     recall_k: int = 10
@@ -72,12 +73,18 @@ class SearcherPlan:
     num_leaves: int | None = None
     leaves_to_search: int | None = None
     training_sample_size: int | None = None
+    spherical: bool | None = None
 
 
 def plan_searcher(n: int, options: SearcherOptions | None = None) -> SearcherPlan:
     """Upstream's choice by size: brute force under ``brute_force_below`` points, asymmetric hashing with reordering
     under ``tree_from``, above that a partitioning tree (√N leaves, 1/20 of them searched, N/10 training points)
-    in front of AH (anisotropic threshold 0.2, 2 dimensions per block) and reordering (2k)."""
+    in front of AH (anisotropic threshold 0.2, 2 dimensions per block) and reordering (2k).
+
+    One deliberate difference: the tree's k-means is spherical by default (``spherical=False`` restores upstream's).
+    The rows are unit vectors searched by dot product; plain k-means centroids of mixed clusters have small norms and
+    lose the dot-product ranking of leaves, which on clustered data costs recall that only searching most leaves
+    recovers."""
     o = options or SearcherOptions()
     if o.knn < 1:
         raise UsageError("--knn must be at least 1")
@@ -97,7 +104,7 @@ def plan_searcher(n: int, options: SearcherOptions | None = None) -> SearcherPla
     sample = o.training_sample_size if o.training_sample_size is not None else n // 10
     sample = min(max(sample, num_leaves), n)
     return SearcherPlan("tree_ah", o.knn, reorder, o.anisotropic_threshold, o.dims_per_block, num_leaves, leaves,
-                        sample)
+                        sample, o.spherical)
 
 
 @contextlib.contextmanager
@@ -130,7 +137,7 @@ def build_scann(data: np.ndarray, plan: SearcherPlan):
     else:
         if plan.kind == "tree_ah":
             builder = builder.tree(num_leaves=plan.num_leaves, num_leaves_to_search=plan.leaves_to_search,
-                                   training_sample_size=plan.training_sample_size)
+                                   training_sample_size=plan.training_sample_size, spherical=bool(plan.spherical))
         builder = builder.score_ah(plan.dims_per_block,
                                    anisotropic_quantization_threshold=plan.anisotropic_threshold).reorder(plan.reorder)
     with quiet_native_logs():
