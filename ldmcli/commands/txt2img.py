@@ -184,7 +184,8 @@ def txt2img_command(
     from ldmcli.devices import pick_device, resolve_precision
 
     # ---- everything cheap is checked before any model is loaded
-    given = [n for n, v in (("PROMPT", prompt_arg), ("--prompt", prompt_opt), ("--from-file", from_file)) if v is not None]
+    sources = (("PROMPT", prompt_arg), ("--prompt", prompt_opt), ("--from-file", from_file))
+    given = [name for name, value in sources if value is not None]
     if len(given) > 1:
         raise UsageError(f"give one of PROMPT, --prompt and --from-file, not {' and '.join(given)}")
     if not given:

@@ -145,7 +145,8 @@ def ddim_parameters(
 ) -> tuple[Tensor, Tensor, np.ndarray]:
     """``(sigmas, alphas, alphas_prev)`` for a DDIM grid, with upstream's dtypes and order of operations.
 
-    ``alphas`` are the float32 ``alphas_cumprod[timesteps]``; ``alphas_prev`` (float64) starts with ``alphas_cumprod[0]``
+    ``alphas`` are the float32 ``alphas_cumprod[timesteps]``; ``alphas_prev`` (float64) starts with
+    ``alphas_cumprod[0]``
     (upstream's choice; ``final_alpha_cumprod`` overrides it, e.g. 1.0 to end on the clean sample); ``sigmas``
     (float64) follow Song et al.'s eq. (16) scaled by ``eta``.
     """
