@@ -1,6 +1,7 @@
 """Diffusion samplers (DDPM, DDIM, PLMS, DPM-Solver++(2M)) as functions over an eps callable, guidance wrappers, and
 upstream-compatible ``DDIMSampler``/``PLMSSampler`` classes (:mod:`ldmcli.sampling.compat`)."""
 
+from ldmcli.sampling.accuracy import solver_errors
 from ldmcli.sampling.guidance import classifier_free_guidance, eps_from_x0, model_denoiser
 from ldmcli.sampling.samplers import (
     SAMPLERS,
@@ -29,4 +30,5 @@ __all__ = [
     "sample_ddpm",
     "sample_dpmpp_2m",
     "sample_plms",
+    "solver_errors",
 ]
