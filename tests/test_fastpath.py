@@ -1,7 +1,7 @@
 """The inference fast path (ldmcli.fastpath) against the plain float32 path, on tiny random-weight models.
 
 Tolerances (relative L2 unless said otherwise):
-* float32 fast path (channels_last, inference_mode) vs plain: 1e-5 for the UNet output and the decoded image
+* float32 fast path (channels_last on the CPU, inference_mode) vs plain: 1e-5 for the UNet output and the decoded image
   (only the convolution algorithm's summation order differs);
 * bf16 (fp16 on CUDA) weights vs float32: 3e-2 for one UNet output and the decoded image (bf16 has 8 bits of
   mantissa: a relative rounding of 4e-3 per operation); a 4-step guided DPM-Solver++ image at least 30 dB PSNR;
@@ -51,7 +51,9 @@ def test_prepare_casts_networks_keeps_schedule_and_conditioner_float32(tiny_txt2
     assert fastpath.network_dtype(model.first_stage_model) == torch.bfloat16
     assert fastpath.network_dtype(model.cond_stage_model) == torch.float32
     assert model.alphas_cumprod.dtype == torch.float32 and model.betas.dtype == torch.float32
-    assert fastpath.is_channels_last(model.model) and fastpath.is_channels_last(model.first_stage_model)
+    assert fastpath.is_channels_last(model.model) and fastpath.is_channels_last(model.first_stage_model)  # CPU
+    contiguous = fastpath.prepare_for_inference(copy.deepcopy(tiny_txt2img), channels_last=False)
+    assert not fastpath.is_channels_last(contiguous.model) and contiguous.fast_path["channels_last"] is False
     assert not fastpath.is_channels_last(tiny_txt2img.model)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert model.fast_path == {"dtype": torch.bfloat16, "channels_last": True, "compiled": False}
@@ -67,13 +69,12 @@ def test_prepare_rejects_what_it_cannot_prepare(tiny_txt2img):
         fastpath.prepare_for_inference(copy.deepcopy(tiny_txt2img), dtype=torch.int8)
 
 
-def _conv_inputs_not_channels_last(module: torch.nn.Module, run) -> list[str]:
-    """Names of the convolutions whose input was not channels_last during ``run()``."""
+def _conv_inputs_not_in(module: torch.nn.Module, fmt: torch.memory_format, run) -> list[str]:
+    """Names of the convolutions whose input was not laid out as ``fmt`` during ``run()``."""
     bad: list[str] = []
     hooks = [
         m.register_forward_pre_hook(
-            lambda mod, inp, n=name: bad.append(n)
-            if not inp[0].is_contiguous(memory_format=torch.channels_last) else None
+            lambda mod, inp, n=name: None if inp[0].is_contiguous(memory_format=fmt) else bad.append(n)
         )
         for name, m in module.named_modules()
         if isinstance(m, torch.nn.Conv2d)
@@ -87,19 +88,26 @@ def _conv_inputs_not_channels_last(module: torch.nn.Module, run) -> list[str]:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_every_convolution_sees_channels_last(tiny_txt2img, device):
-    """One memory format throughout: no convolution gets an input it would have to re-layout its weights for."""
+def test_every_convolution_sees_one_layout(tiny_txt2img, device):
+    """One memory format throughout (channels_last on the CPU, contiguous on CUDA): no convolution gets an input in
+    a layout other than its weights' (which would re-layout the weights on every call)."""
     model = fastpath.prepare_for_inference(copy.deepcopy(tiny_txt2img), device=device)
+    channels_last = device == "cpu"
+    assert model.fast_path["channels_last"] is channels_last
+    assert fastpath.is_channels_last(model.model) is channels_last
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     x, t = _inputs(model, device)
     context = torch.randn(2, 77, 64, device=device)
-    xcl = fastpath.to_memory_format(x, True)
+    x_in = fastpath.fast_layout(model, x)
     with fastpath.inference_context():
-        assert _conv_inputs_not_channels_last(model.model, lambda: model.apply_model(xcl, t, context)) == []
-        assert _conv_inputs_not_channels_last(model.first_stage_model, lambda: fastpath.decode_latents(model, x)) == []
+        assert _conv_inputs_not_in(model.model, fmt, lambda: model.apply_model(x_in, t, context)) == []
+        assert _conv_inputs_not_in(model.first_stage_model, fmt, lambda: fastpath.decode_latents(model, x)) == []
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_float32_fast_path_matches_plain(tiny_txt2img, device):
+def test_float32_fast_path_matches_plain(tiny_txt2img, device, monkeypatch):
+    if device == "cuda":  # full float32 (cuDNN's default TF32 convolutions differ by ~4e-4 whatever the layout)
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     plain = copy.deepcopy(tiny_txt2img).to(device)
     fast = fastpath.prepare_for_inference(copy.deepcopy(tiny_txt2img), device=device, dtype=torch.float32)
     x, t = _inputs(plain, device)
@@ -108,9 +116,9 @@ def test_float32_fast_path_matches_plain(tiny_txt2img, device):
         want_eps = plain.apply_model(x, t, c)
         want_img = plain.decode_first_stage(x)
     with fastpath.inference_context():
-        got_eps = fast.apply_model(fastpath.to_memory_format(x, True), t, c)
+        got_eps = fast.apply_model(fastpath.fast_layout(fast, x), t, c)
         got_img = fastpath.decode_latents(fast, x)
-    assert got_eps.is_inference() and got_eps.is_contiguous(memory_format=torch.channels_last)
+    assert got_eps.is_inference()
     assert rel(got_eps, want_eps) < 1e-5
     assert got_img.dtype == torch.float32 and rel(got_img, want_img) < 1e-5
 
@@ -127,7 +135,7 @@ def test_reduced_precision_stays_close_to_float32(tiny_txt2img, device, dtype):
     with fastpath.inference_context():
         c_fast = fast.get_learned_conditioning(["a red cube", "a blue ball"])
         assert c_fast.dtype == torch.float32
-        got_eps = fast.apply_model(fastpath.to_memory_format(x.to(dtype), True), t, c_fast.to(dtype))
+        got_eps = fast.apply_model(fastpath.fast_layout(fast, x.to(dtype)), t, c_fast.to(dtype))
         got_img = fastpath.decode_latents(fast, x)
     assert got_eps.dtype == dtype
     assert rel(got_eps.float(), want_eps) < 3e-2
@@ -154,7 +162,7 @@ def test_guided_sampling_in_bf16_matches_float32_image(tiny_txt2img, device):
             cond = fastpath.unique_conditioning(model.get_learned_conditioning, ["a tree"])
             uncond = model.get_learned_conditioning([""])
             eps = model_denoiser(model, cond, uncond, 3.0, schedule=schedule)
-            x = fastpath.to_memory_format(x_t, True) if prepare else x_t
+            x = fastpath.fast_layout(model, x_t)
             z = sample_dpmpp_2m(eps, x, schedule, steps)
             assert z.dtype == torch.float32  # the sampler state stays float32
             images.append(fastpath.decode_latents(model, z))
@@ -238,7 +246,7 @@ def test_compiled_unet_matches_eager(tiny_txt2img, data_home, monkeypatch):
     with torch.no_grad():
         want = plain.apply_model(x, t, c)
     with fastpath.inference_context():
-        got = fast.apply_model(fastpath.to_memory_format(x, True), t, c)
+        got = fast.apply_model(fastpath.fast_layout(fast, x), t, c)
     assert rel(got, want) < 1e-4
     assert any((data_home / "cache" / "torch_compile").iterdir())
     assert set(fast.state_dict()) == set(plain.state_dict())  # compiled in place: keys unchanged

@@ -1,0 +1,215 @@
+"""End-to-end text-to-image time with txt2img-f8-large (Rombach et al. 2022): the fast path vs the plain one.
+
+Not a test. One 256x256 image, guidance scale 5, random weights (speed does not depend on them), everything a
+``ldm txt2img`` run does: load the 1.45B-parameter model from ``.safetensors``, run BERT on the prompt and the
+empty prompt, sample, decode. Each variant runs in its own fresh process (so load times and peak RSS are its own):
+
+* ``fast``: ``--precision auto`` (bf16 on CPUs with native bf16 and on GPUs), channels_last on CPUs, inference_mode, the
+  conditioner once per distinct prompt, 20 DPM-Solver++(2M) steps, the decoder in the same precision
+  (``--compile`` adds torch.compile with frozen weights);
+* ``plain``: the eager float32 path of the same code (contiguous layout, ``no_grad``), 50 DDIM steps;
+* ``fast32``: the fast path in float32 (20 DPM-Solver++ steps), only to measure the bf16 drift (final image PSNR).
+
+Prints seconds per stage, the ratio fast / plain (target <= 0.25), the PSNR of the fast image against fast32, and
+each run's peak RSS. The random checkpoint (5.8 GB) is written once to ``--workdir``. Run from the repository root::
+
+    python benchmarks/txt2img_e2e.py                  # CPU: ~10 minutes on 2 cores, ~12 GB disk+RAM
+    python benchmarks/txt2img_e2e.py --quick          # a tiny random model: a smoke run in seconds
+    python benchmarks/txt2img_e2e.py --device cuda --batch 8 --variants fast   # images/s on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import _bench  # noqa: F401  (puts the repository on sys.path)
+from _bench import REPO, fill_zero_layers, peak_rss_gb, psnr, sync
+
+VOCAB = REPO.parent / "shared" / "fixtures" / "bert-base-uncased-vocab.txt"
+PROMPT = "a painting of a virus monster playing guitar"
+SCALE = 5.0
+
+
+def _setup_home(workdir: Path, vocab: Path) -> None:
+    """A private data dir (LDM_HOME) holding the BERT vocab asset, offline: no network, nothing of the user's."""
+    os.environ["LDM_HOME"] = str(workdir / "home")
+    os.environ["LDM_OFFLINE"] = "1"
+    from ldmcli import zoo
+
+    dest = zoo.get("bert-base-uncased").local_dir()
+    dest.mkdir(parents=True, exist_ok=True)
+    if not (dest / "vocab.txt").is_file():
+        shutil.copyfile(vocab, dest / "vocab.txt")
+
+
+def _tiny_config():
+    """A tiny config in txt2img-f8-large's layout (for --quick)."""
+    from ldmcli import config
+
+    d = config.config_to_dict(config.load_config("txt2img-f8-large"))
+    d["name"] = "txt2img-f8-large-tiny"
+    d["unet"].update(model_channels=32, context_dim=64, num_heads=2)
+    d["cond_stage"].update(n_embed=64, n_layer=1)
+    d["first_stage"]["ddconfig"].update(ch=32, num_res_blocks=1)
+    return config.config_from_dict(d)
+
+
+def write_checkpoint(path: Path, quick: bool) -> None:
+    """A random-weight txt2img-f8-large (zero-initialised layers filled) as ldmcli .safetensors with its config."""
+    from ldmcli import config
+    from ldmcli.checkpoint import save_safetensors
+    from ldmcli.loading import META_CONFIG
+
+    cfg = _tiny_config() if quick else config.load_config("txt2img-f8-large")
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    model = fill_zero_layers(config.build_model(cfg))
+    save_safetensors(path, model.state_dict(), metadata={META_CONFIG: json.dumps(config.config_to_dict(cfg))})
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {path} ({n:,} parameters, {path.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t0:.0f}s")
+
+
+# ------------------------------------------------------------------------------------------------------ worker
+
+
+def worker(args) -> dict:
+    """One variant, timed stage by stage; writes the image (float32 tensor) next to the checkpoint."""
+    from ldmcli import fastpath
+    from ldmcli.devices import pick_device, resolve_precision
+    from ldmcli.loading import load_model
+    from ldmcli.sampling import DiscreteSchedule, model_denoiser, sample_ddim, sample_dpmpp_2m
+    from ldmcli.sampling.samplers import ddim_timesteps, dpmpp_timesteps
+
+    device = pick_device(args.device)
+    variant = args.worker
+    times: dict[str, float] = {}
+    start = time.perf_counter()
+
+    def mark(name: str, since: float) -> float:
+        sync(device)
+        now = time.perf_counter()
+        times[name] = now - since
+        return now
+
+    fast = variant in ("fast", "fast32")
+    dtype = resolve_precision("auto" if variant == "fast" else "fp32", device)
+    model = load_model(args.ckpt, device=device)
+    t = mark("load", start)
+    if fast:
+        fastpath.prepare_for_inference(model, dtype=dtype, channels_last=True, compile=args.compile)
+        t = mark("prepare", t)
+    prompts = [PROMPT] * args.batch
+    grad_off = fastpath.inference_context() if fast else torch.no_grad()
+    with grad_off:
+        if fast:
+            cond = fastpath.unique_conditioning(model.get_learned_conditioning, prompts)
+            uncond = fastpath.unique_conditioning(model.get_learned_conditioning, [""] * args.batch)
+        else:
+            cond = model.get_learned_conditioning(prompts)
+            uncond = model.get_learned_conditioning([""] * args.batch)
+        t = mark("conditioning", t)
+        schedule = DiscreteSchedule.from_model(model)
+        eps = model_denoiser(model, cond, uncond, SCALE, schedule=schedule)
+        g = torch.Generator().manual_seed(42)
+        lat = args.size // 8
+        x = torch.randn(args.batch, model.channels, lat, lat, generator=g).to(device)
+        if fast:
+            x = fastpath.fast_layout(model, x)
+            z = sample_dpmpp_2m(eps, x, schedule, dpmpp_timesteps(schedule, args.fast_steps))
+        else:
+            z = sample_ddim(eps, x, schedule, ddim_timesteps(args.plain_steps, schedule.num_timesteps))
+        t = mark("sampling", t)
+        tile = args.tile if fast else None
+        img = fastpath.decode_latents(model, z, tile=tile) if fast else model.decode_first_stage(z).float()
+        t = mark("decode", t)
+    times["total"] = time.perf_counter() - start
+    torch.save(img.cpu(), Path(args.ckpt).with_name(f"image_{variant}.pt"))
+    out = {"variant": variant, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
+           "batch": args.batch, "seconds": times, "peak_rss_gb": peak_rss_gb(),
+           "steps": args.fast_steps if fast else args.plain_steps,
+           "sampler": "dpmpp_2m" if fast else "ddim"}
+    if device.type == "cuda":
+        out["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        out["images_per_s_sampling_decode"] = args.batch / (times["sampling"] + times["decode"])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--workdir", default="/tmp/ldmcli_e2e", help="where the random checkpoint and images go")
+    ap.add_argument("--vocab", default=str(VOCAB), help="bert-base-uncased vocab.txt")
+    ap.add_argument("--variants", default="fast,plain,fast32")
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=1, help="images per run")
+    ap.add_argument("--fast-steps", type=int, default=20)
+    ap.add_argument("--plain-steps", type=int, default=50)
+    ap.add_argument("--tile", type=int, default=None, help="tiled decode (latent tile side) in the fast path")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the UNet in the fast path")
+    ap.add_argument("--quick", action="store_true", help="a tiny model of the same layout: a smoke run")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.quick and not args.worker:  # small enough to finish in seconds even on a busy machine
+        args.size, args.fast_steps, args.plain_steps = min(args.size, 64), min(args.fast_steps, 4), min(args.plain_steps, 10)
+
+    workdir = Path(args.workdir) / ("quick" if args.quick else "full")
+    workdir.mkdir(parents=True, exist_ok=True)
+    _setup_home(workdir, Path(args.vocab))
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return
+
+    ckpt = workdir / "txt2img-f8-large-random.safetensors"
+    if not ckpt.is_file():
+        write_checkpoint(ckpt, args.quick)
+    results = {}
+    for variant in args.variants.split(","):
+        cmd = [sys.executable, __file__, "--worker", variant, "--ckpt", str(ckpt), "--workdir", args.workdir,
+               "--vocab", args.vocab, "--size", str(args.size), "--batch", str(args.batch),
+               "--fast-steps", str(args.fast_steps), "--plain-steps", str(args.plain_steps)]
+        cmd += ["--quick"] if args.quick else []
+        cmd += ["--compile"] if args.compile else []
+        cmd += ["--device", args.device] if args.device else []
+        cmd += ["--tile", str(args.tile)] if args.tile else []
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            print(f"{variant} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            continue
+        r = json.loads(lines[-1][len("RESULT "):])
+        results[variant] = r
+        s = r["seconds"]
+        stages = ", ".join(f"{k} {v:.1f}s" for k, v in s.items() if k != "total")
+        extra = f", {r['images_per_s_sampling_decode']:.2f} images/s" if "images_per_s_sampling_decode" in r else ""
+        print(f"{variant:7s} {r['dtype']:8s} {r['steps']} {r['sampler']} steps: total {s['total']:.1f}s ({stages}); "
+              f"peak RSS {r['peak_rss_gb']:.2f} GB{extra}", flush=True)
+    if "fast" in results and "plain" in results:
+        ratio = results["fast"]["seconds"]["total"] / results["plain"]["seconds"]["total"]
+        results["fast_over_plain"] = ratio
+        print(f"ratio fast / plain end to end: {ratio:.3f} (target <= 0.25)")
+    if "fast" in results and "fast32" in results:
+        a = torch.load(workdir / "image_fast.pt")
+        b = torch.load(workdir / "image_fast32.pt")
+        results["psnr_fast_vs_fast32_db"] = psnr(a, b)
+        print(f"final image PSNR, {results['fast']['dtype']} vs float32 (same sampler and seed): "
+              f"{results['psnr_fast_vs_fast32_db']:.1f} dB")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
