@@ -340,12 +340,12 @@ def build_index(database: Database, *, options: SearcherOptions | None = None, o
     try:
         with quiet_native_logs():
             searcher.serialize(str(tmp), relative_path=True)
-        report_ = BuildReport(
+        result_report = BuildReport(
             database=database.name, path=str(out_dir), n=n, dim=database.dim, plan=asdict(plan),
             pre_reorder_num_neighbors=result.pre_reorder, leaves_to_search=result.leaves, recall_k=k,
             recall=result.recall, target_recall=o.target_recall, met=result.met, n_queries=n_queries,
             build_seconds=build_seconds, tune_steps=[asdict(s) for s in result.steps])
-        meta = {"format": FORMAT_VERSION, **report_.to_json(), "path": None,
+        meta = {"format": FORMAT_VERSION, **result_report.to_json(), "path": None,
                 "database_files": [f.name for f in database.files]}
         (tmp / SEARCHER_JSON).write_text(json.dumps(meta, indent=2) + "\n")
         _install_folder(tmp, out_dir)
@@ -353,7 +353,7 @@ def build_index(database: Database, *, options: SearcherOptions | None = None, o
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     report("save", 1, 1)
-    return report_
+    return result_report
 
 
 @dataclass
