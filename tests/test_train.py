@@ -72,7 +72,9 @@ def test_autoencoder_then_class_conditional_ldm_through_the_cli(cli, images, tmp
     assert ae_dir.parent == logs and ae_dir.name.endswith("_tiny-kl")
     ckpt = torch.load(ae_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 3 and len(ckpt["optimizer_states"]) == 2
-    assert all(float(o["state"][0]["step"]) == 3 for o in ckpt["optimizer_states"])  # 6 batches, 3 steps each
+    ae_opt, disc_opt = ckpt["optimizer_states"]
+    assert float(ae_opt["state"][0]["step"]) == 3  # 6 batches, 3 steps
+    assert float(disc_opt["state"][0]["step"]) == 1  # the discriminator trains from disc_start (2) on
     assert any(k.startswith("loss.discriminator.") for k in ckpt["state_dict"])
     assert not any(k.startswith("net.") for k in ckpt["state_dict"])
     assert (ae_dir / "metrics.csv").is_file() and "aeloss" in (ae_dir / "metrics.csv").read_text().splitlines()[0]

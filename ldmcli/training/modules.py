@@ -4,7 +4,7 @@
   App. G). Two optimizers (autoencoder, discriminator; Adam, betas (0.5, 0.9)) stepped one after the other on each
   batch, as Lightning 1.x's automatic multi-optimizer loop did; here with manual optimization, since Lightning 2
   dropped that loop. The discriminator step re-runs the autoencoder after its update, as upstream's second
-  ``training_step`` call did. ``step`` counts batches that stepped (Lightning counts each optimizer's step).
+  ``training_step`` call did; before ``disc_start`` it is skipped (its loss is zero then). ``step`` counts batches that stepped (Lightning counts each optimizer's step).
 * :class:`LatentDiffusionModule`: the LDM loss on first-stage latents (AdamW on the UNet, plus a trainable
   conditioner), EMA after every batch (the :class:`~ldmcli.training.callbacks.EMAUpdate` callback, so it runs
   before the batch's checkpoint), the warm-up LR schedule, ``scale_by_std`` on the first batch, and
@@ -138,13 +138,16 @@ class AutoencoderModule(_Base):
         self.untoggle_optimizer(opt_ae)
 
         self.toggle_optimizer(opt_disc)
-        with torch.no_grad():
-            rec, aux = self._forward(x)
-        discloss, log_disc = self._loss(x, rec, aux, 1)
-        self._check_finite(discloss)
-        self.manual_backward(discloss / self.accumulate)
+        log_disc: dict = {}
+        discloss = torch.zeros((), device=x.device)
+        if self._discriminator_active():
+            with torch.no_grad():
+                rec, aux = self._forward(x)
+            discloss, log_disc = self._loss(x, rec, aux, 1)
+            self._check_finite(discloss)
+            self.manual_backward(discloss / self.accumulate)
         if boundary:
-            opt_disc.step()
+            opt_disc.step()  # also before disc_start (no gradients: a no-op), so each batch counts two steps
             opt_disc.zero_grad(set_to_none=True)
             for sched in self._schedulers():
                 sched.step()
@@ -155,6 +158,12 @@ class AutoencoderModule(_Base):
         self.log("discloss", discloss.detach(), prog_bar=True, on_step=True)
         self.log_dict({k: v.detach().float() for k, v in {**log_ae, **log_disc}.items()}, on_step=True)
         return aeloss.detach()
+
+    def _discriminator_active(self) -> bool:
+        """Before ``disc_start`` (or with ``disc_factor: 0``) the discriminator loss is 0 times a number, its
+        gradients are zero and Adam leaves the weights alone: the discriminator step is skipped then."""
+        loss = self.net.loss
+        return loss.disc_factor > 0 and self.step >= loss.discriminator_iter_start
 
     def _schedulers(self) -> list:
         s = self.lr_schedulers()
