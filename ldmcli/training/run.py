@@ -372,7 +372,7 @@ def train(
     data_cfg = cfg.data
     if data_root is not None:
         size = cfg.model.pixel_size
-        params = {"root": os.fspath(data_root), "size": size}
+        params = {"root": str(Path(data_root).expanduser().resolve()), "size": size}  # absolute: --resume anywhere
         if data_cfg is not None and data_cfg.train.target == "folder":
             params = {**dict(data_cfg.train.params), **params}
         from ldmcli.training.config import DataConfig, DatasetConfig
@@ -419,8 +419,10 @@ def train(
 
     # ---- trainer (validates devices, precision and strategy before the model is built)
     env_run_dir = os.environ.get(RUN_DIR_ENV)
-    is_child = bool(env_run_dir) and os.environ.get("LOCAL_RANK", "0") != "0"
-    if is_child:
+    # processes the launcher started (LOCAL_RANK > 0) and other nodes' processes write no run files
+    is_child = (bool(env_run_dir) and os.environ.get("LOCAL_RANK", "0") != "0") or \
+        os.environ.get("NODE_RANK", "0") != "0"
+    if is_child and env_run_dir:
         run_dir = Path(env_run_dir)
     elif run_dir is None:
         run_dir = new_run_dir(logdir, name or cfg.name)
