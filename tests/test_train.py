@@ -95,16 +95,18 @@ def test_autoencoder_then_class_conditional_ldm_through_the_cli(cli, images, tmp
         "inputs", "reconstruction", "samples"}
 
     from ldmcli.loading import load_model
-    from ldmcli.sampling.compat import DDIMSampler
 
-    model = load_model(ldm_dir / "config.yaml", ckpt=ldm_dir / "model.ckpt")
-    assert model.global_step == 3
-    labels = torch.tensor([0, 2, 3])  # 3 = the null class of --cond-drop
-    c = model.get_learned_conditioning({"class_label": labels})
-    g = torch.Generator().manual_seed(0)
-    z, _ = DDIMSampler(model).sample(S=3, batch_size=3, shape=(2, 8, 8), conditioning=c, verbose=False, generator=g)
-    x = model.decode_first_stage(z)
-    assert x.shape == (3, 3, 16, 16) and torch.isfinite(x).all()
+    assert load_model(ldm_dir / "config.yaml", ckpt=ldm_dir / "model.ckpt").global_step == 3
+    out = tmp_path / "samples"
+    r = cli("sample", "-r", ldm_dir, "--class", "0", "--class", "2", "-n", "2", "--steps", "3", "--scale", "2",
+            "--seed", "0", "--device", "cpu", "--logdir", out)  # guidance against the null class 3 of --cond-drop
+    assert r.exit_code == 0, r
+    pngs = sorted((out / "samples").glob("*.png"))
+    assert len(pngs) == 4 and Image.open(pngs[0]).size == (16, 16)
+    assert list(out.glob("grid-*.png"))
+    r = cli("sample", "-r", ldm_dir / "checkpoints" / "last.ckpt", "--class", "1", "-n", "1", "--steps", "2",
+            "--device", "cpu", "--logdir", tmp_path / "from-ckpt")  # upstream's -r <ckpt> form
+    assert r.exit_code == 0, r
 
 
 def test_bad_inputs_are_one_line_errors(cli, images, tmp_path):
