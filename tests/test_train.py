@@ -326,3 +326,13 @@ def test_unconditional_ldm_trains_and_refuses_cond_drop(images, tmp_path):
     run = train("ldm", config, data_root=images, first_stage=str(ae.run_dir), logdir=tmp_path / "logs",
                 overrides={"max_steps": 2, "log_images_every": 2})
     assert run.global_step == 2 and not any(k.startswith("cond_stage_model.") for k in _state(run.checkpoint))
+
+
+def test_shipped_training_presets_validate():
+    from ldmcli.training.config import load_train_config, preset_names
+
+    assert {"digits-kl", "digits-ldm"} <= set(preset_names())
+    for name in preset_names():
+        cfg = load_train_config(name)
+        assert cfg.data is not None and (cfg.settings.max_steps or cfg.settings.max_epochs), name
+    assert load_train_config("digits-ldm").settings.cond_drop > 0
