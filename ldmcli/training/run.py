@@ -314,34 +314,23 @@ def _check_labels(cfg: model_config.ModelConfig, dataset: Any, cond_drop: float)
         raise data_mod.DataError("text-conditional training needs captions: a .txt next to each image")
 
 
-def train(
-    kind: str,
-    config: str | os.PathLike | None = None,
-    *,
-    resume: str | os.PathLike | None = None,
-    overrides: dict[str, Any] | None = None,
-    data_root: str | os.PathLike | None = None,
-    batch_size: int | None = None,
-    num_workers: int | None = None,
-    first_stage: str | None = None,
-    gpus: str | None = None,
-    logdir: str | os.PathLike = "logs",
-    name: str | None = None,
-    callback: Progress | None = None,
-) -> RunResult:
-    """Train an autoencoder (``kind="autoencoder"``) or a latent diffusion model (``kind="ldm"``).
+@dataclass
+class _Plan:
+    """A validated run: config (first stage resolved), where it resumes from, devices."""
 
-    ``config`` is a training preset name or a config file; ``resume`` a run folder or one of its checkpoints
-    (the run's own ``train.yaml`` is then the config). ``overrides`` are :class:`TrainSettings` fields. Every
-    value is checked before the run folder is created or anything heavy is loaded."""
-    import lightning as L
+    cfg: TrainConfig
+    run_dir: Path | None
+    ckpt_path: Path | None
+    fs_state: dict[str, Any] | None
+    null_condition: Callable[[Any, torch.Tensor], Any] | None
+    accelerator: str
+    devices: Any
 
-    from ldmcli.training import callbacks as cb
-    from ldmcli.training.modules import AutoencoderModule, LatentDiffusionModule
 
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}")
-    # ---- config
+def _plan(kind: str, config: str | os.PathLike | None, resume: str | os.PathLike | None,
+          overrides: dict[str, Any] | None, data_root: str | os.PathLike | None, batch_size: int | None,
+          num_workers: int | None, first_stage: str | None, gpus: str | None, callback: Progress | None) -> _Plan:
+    """Read and check the config, the command-line overrides, the data settings and the first stage."""
     ckpt_path: Path | None = None
     if resume is not None:
         if config is not None:
@@ -403,6 +392,40 @@ def train(
     elif first_stage is not None and ckpt_path is not None:
         raise UsageError("--first-stage cannot change a resumed run (its checkpoint holds the first stage)")
     cfg = dataclasses.replace(cfg, model=model_cfg, data=data_cfg, settings=settings)
+    return _Plan(cfg, run_dir, ckpt_path, fs_state, null_condition, accelerator, devices)
+
+
+def train(
+    kind: str,
+    config: str | os.PathLike | None = None,
+    *,
+    resume: str | os.PathLike | None = None,
+    overrides: dict[str, Any] | None = None,
+    data_root: str | os.PathLike | None = None,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    first_stage: str | None = None,
+    gpus: str | None = None,
+    logdir: str | os.PathLike = "logs",
+    name: str | None = None,
+    callback: Progress | None = None,
+) -> RunResult:
+    """Train an autoencoder (``kind="autoencoder"``) or a latent diffusion model (``kind="ldm"``).
+
+    ``config`` is a training preset name or a config file; ``resume`` a run folder or one of its checkpoints
+    (the run's own ``train.yaml`` is then the config). ``overrides`` are :class:`TrainSettings` fields. Every
+    value is checked before the run folder is created or anything heavy is loaded."""
+    import lightning as L
+
+    from ldmcli.training import callbacks as cb
+    from ldmcli.training.modules import AutoencoderModule, LatentDiffusionModule
+
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}")
+    plan = _plan(kind, config, resume, overrides, data_root, batch_size, num_workers, first_stage, gpus, callback)
+    cfg, run_dir, ckpt_path, fs_state = plan.cfg, plan.run_dir, plan.ckpt_path, plan.fs_state
+    null_condition, accelerator, devices = plan.null_condition, plan.accelerator, plan.devices
+    model_cfg, data_cfg, settings = cfg.model, cfg.data, cfg.settings
 
     # ---- data (built before any folder is written: a missing or empty dataset fails here)
     dataset = data_mod.build_dataset(data_cfg.train.target, data_cfg.train.params, callback)
