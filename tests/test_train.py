@@ -336,3 +336,20 @@ def test_shipped_training_presets_validate():
         cfg = load_train_config(name)
         assert cfg.data is not None and (cfg.settings.max_steps or cfg.settings.max_epochs), name
     assert load_train_config("digits-ldm").settings.cond_drop > 0
+
+
+def test_first_stage_by_zoo_name_uses_the_store_checkpoint(images, tmp_path, monkeypatch):
+    from ldmcli import store, zoo
+    from ldmcli.training.run import train
+
+    ae = train("autoencoder", TINY_KL, data_root=images, logdir=tmp_path / "logs", overrides={"max_steps": 1})
+    entry = zoo.ZooEntry(name="tiny-fs", kind="first_stage", dest="models/first_stage_models/tiny-fs", files=(),
+                         contents=("model.ckpt",), arch=str(ae.run_dir / "config.yaml"), checkpoint="model.ckpt")
+    monkeypatch.setitem(zoo.REGISTRY, entry.name, entry)
+    asked = []
+    monkeypatch.setattr(store, "checkpoint_path", lambda name, **kw: asked.append(name) or ae.model_checkpoint)
+    run = train("ldm", TINY_LDM, data_root=images, first_stage="tiny-fs", logdir=tmp_path / "logs",
+                overrides={"max_steps": 1, "log_images_every": 0})
+    assert asked == ["tiny-fs"]
+    assert torch.equal(_state(run.checkpoint)["first_stage_model.encoder.conv_in.weight"],
+                       _state(ae.model_checkpoint)["encoder.conv_in.weight"])
