@@ -130,6 +130,7 @@ def test_bad_inputs_are_one_line_errors(cli, images, tmp_path):
 
 
 def test_upstream_training_configs_validate():
+    from ldmcli.errors import UsageError
     from ldmcli.training.config import load_train_config
 
     cfg = load_train_config(REFERENCE / "configs" / "configs" / "autoencoder" / "autoencoder_kl_32x32x4.yaml")
@@ -140,6 +141,19 @@ def test_upstream_training_configs_validate():
     from ldmcli.training.run import _first_stage_hint
 
     assert _first_stage_hint(cfg) == "kl-f8"  # ckpt_path models/first_stage_models/kl-f8/model.ckpt
+    from ldmcli.training.config import parse_train_config
+
+    doc = {"model": {"base_learning_rate": 1e-4, "target": "ldm.models.autoencoder.AutoencoderKL",
+                     "params": {"embed_dim": 2, "lossconfig": {"target": "torch.nn.Identity"},
+                                "ddconfig": {"double_z": True, "z_channels": 2, "resolution": 16, "in_channels": 3,
+                                             "out_ch": 3, "ch": 32, "ch_mult": [1], "num_res_blocks": 1,
+                                             "attn_resolutions": []}}},
+           "lightning": {"trainer": {"gpus": "0,1", "precision": 16, "accumulate_grad_batches": 3}}}
+    s = parse_train_config(doc, "main.py style", "x").settings
+    assert (s.accelerator, s.devices, s.precision, s.accumulate) == ("gpu", [0, 1], "16-mixed", 3)
+    doc["lightning"]["trainer"] = {"gpus": "a,b"}
+    with pytest.raises(UsageError, match="lightning.trainer.gpus"):
+        parse_train_config(doc, "main.py style", "x")
 
 
 def test_lambda_linear_scheduler_matches_upstream_formula():

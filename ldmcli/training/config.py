@@ -32,7 +32,7 @@ _TRAINER_KEYS = {  # upstream lightning.trainer keys → TrainSettings fields
     "precision": "precision", "num_nodes": "num_nodes", "devices": "devices", "accelerator": "accelerator",
     "strategy": "strategy", "log_every_n_steps": "log_every",
 }
-_TRAINER_IGNORED = {"benchmark", "gpus", "num_sanity_val_steps", "val_check_interval", "check_val_every_n_epoch",
+_TRAINER_IGNORED = {"benchmark", "num_sanity_val_steps", "val_check_interval", "check_val_every_n_epoch",
                     "limit_val_batches", "gradient_clip_val"}
 
 
@@ -141,6 +141,8 @@ def parse_settings(value: Any, source: str, where: str = "training", base: Train
     data = r.mapping(value or {}, where)
     if "precision" in data and isinstance(data["precision"], int):
         data["precision"] = str(data["precision"])
+    if data.get("precision") in ("16", "bf16"):  # Lightning 1.x spellings
+        data["precision"] = f"{data['precision']}-mixed"
     devices = data.pop("devices", None)
     s = r.dataclass(TrainSettings, data, where, exclude={"devices"})
     if base is not None:
@@ -187,7 +189,13 @@ def _upstream_lightning(r: Any, value: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     trainer = r.mapping(top.get("trainer") or {}, "lightning.trainer")
     for key, val in trainer.items():
-        if key in _TRAINER_KEYS:
+        if key == "gpus":  # Lightning 1.x: "0,1" or a count
+            ids = [g for g in str(val).split(",") if g.strip()]
+            if not ids or not all(g.strip().isdigit() for g in ids):
+                raise r.fail("lightning.trainer.gpus", f"expected device indices like '0,1', got {val!r}")
+            out["accelerator"] = "gpu"
+            out["devices"] = [int(g) for g in ids] if "," in str(val) else int(ids[0])
+        elif key in _TRAINER_KEYS:
             out[_TRAINER_KEYS[key]] = val
         elif key not in _TRAINER_IGNORED:
             raise r.fail(f"lightning.trainer.{key}", f"unsupported trainer option "
