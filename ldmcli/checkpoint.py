@@ -20,7 +20,6 @@ import os
 import pickle
 import re
 import struct
-import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ldmcli.errors import CheckpointError
+from ldmcli.fileio import atomic_path
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -236,26 +236,14 @@ def save_safetensors(
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)  # the data section starts 8-byte aligned
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".incomplete", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(header_bytes)))
-            f.write(header_bytes)
-            for _, tensor in order:
-                if tensor.numel() == 0:
-                    continue
-                flat = tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8)
-                f.write(memoryview(flat.numpy()))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(header_bytes)))
+        f.write(header_bytes)
+        for _, tensor in order:
+            if tensor.numel() == 0:
+                continue
+            flat = tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            f.write(memoryview(flat.numpy()))
     return path
 
 

@@ -32,6 +32,7 @@ from filelock import FileLock
 
 from ldmcli import paths
 from ldmcli.errors import DownloadError, UsageError
+from ldmcli.fileio import atomic_write_text, sha256_file  # noqa: F401 (store.py uses download.sha256_file)
 
 ProgressCallback = Callable[[int, "int | None", str], None]
 
@@ -182,20 +183,6 @@ def _hash_file(path: Path, algorithms: tuple[str, ...], limit: int | None = None
             if remaining is not None:
                 remaining -= len(block)
     return hashers
-
-
-def sha256_file(path: Path, progress: ProgressCallback | None = None) -> str:
-    """The sha256 hex digest of a file, read in 1 MiB blocks (progress reported per block)."""
-    h = hashlib.sha256()
-    total = path.stat().st_size
-    done = 0
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
-            done += len(block)
-            if progress is not None:
-                progress(done, total, path.name)
-    return h.hexdigest()
 
 
 def _content_range(value: str | None) -> tuple[int, int | None] | None:
@@ -509,13 +496,4 @@ def update_manifest(records: dict[str, dict[str, Any]] | None = None,
             data["files"].pop(key, None)
         data["files"].update(records or {})
         data["files"] = dict(sorted(data["files"].items()))
-        fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=1)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        atomic_write_text(path, json.dumps(data, indent=1) + "\n")

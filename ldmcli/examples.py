@@ -12,7 +12,6 @@ as upstream's ``scripts/inpaint.py`` expects.
 from __future__ import annotations
 
 import os
-import uuid
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from ldmcli.errors import UsageError
+from ldmcli.fileio import atomic_path
 
 MASK_SUFFIX = "_mask"
 
@@ -93,15 +93,6 @@ def example_pairs(max_side: int | None = None) -> list[ExamplePair]:
     return pairs
 
 
-def _write_png_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_examples(folder: str | os.PathLike, *, max_side: int | None = None, overwrite: bool = False) -> list[Path]:
     """Write ``NAME.png`` and ``NAME_mask.png`` for every example into ``folder`` (created if needed), ready for
     ``ldm inpaint --indir folder``. Existing files are kept unless ``overwrite``. Returns the paths written."""
@@ -115,6 +106,7 @@ def write_examples(folder: str | os.PathLike, *, max_side: int | None = None, ov
                             (folder / f"{pair.name}{MASK_SUFFIX}.png", pair.mask)):
             if path.exists() and not overwrite:
                 continue
-            _write_png_atomic(path, array)
+            with atomic_path(path) as tmp:
+                Image.fromarray(array).save(tmp, format="PNG")
             written.append(path)
     return written

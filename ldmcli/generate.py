@@ -28,6 +28,7 @@ import torch
 
 from ldmcli import __version__, paths
 from ldmcli.errors import UsageError
+from ldmcli.fileio import atomic_write_text, sha256_file
 from ldmcli.output import ImageWriter, WrittenFile, to_uint8
 from ldmcli.sampling import (
     SAMPLERS,
@@ -297,16 +298,11 @@ def cached_sha256(path: str | os.PathLike, known: str | None = None) -> str | No
         cache = {}
     if isinstance(cache, dict) and isinstance(cache.get(key), str):
         return cache[key]
-    from ldmcli.loading import sha256_file
-
     value = sha256_file(path)
     try:
         cache = cache if isinstance(cache, dict) else {}
         cache[key] = value
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=0))
-        os.replace(tmp, cache_file)
+        atomic_write_text(cache_file, json.dumps(cache, indent=0))
     except OSError:
         pass  # a read-only data dir only costs the cache
     return value

@@ -18,7 +18,6 @@ noise, reduced precision for the networks, and resumable batches written atomica
 from __future__ import annotations
 
 import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -30,6 +29,7 @@ from einops import rearrange
 from PIL import Image
 
 from ldmcli.errors import LdmError, UsageError
+from ldmcli.fileio import atomic_write_bytes
 from ldmcli.output import encode_png
 
 MASK_SUFFIX = "_mask"
@@ -347,26 +347,6 @@ def inpaint_array(
     return np.where(fill[..., None], predicted, image)
 
 
-# ------------------------------------------------------------------------------------------------------ output
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to a hidden temporary file next to ``path``, then rename it into place: ``path`` never holds
-    a partial file, even after a crash or Ctrl-C (the temporary file is removed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 # ------------------------------------------------------------------------------------------------------- batch
 
 
@@ -452,7 +432,7 @@ def inpaint_pairs(
             "seed": settings.seed,
         }
         try:
-            write_atomic(pair.output, encode_png(result, record))
+            atomic_write_bytes(pair.output, encode_png(result, record))
         except OSError as e:
             problem = PairProblem(pair.output, f"{pair.output}: cannot write ({e.strerror or e})")
             report.failed.append(problem)

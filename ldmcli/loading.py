@@ -16,7 +16,6 @@ and ``global_step`` in its metadata; later loads use that copy: no pickle, faste
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ from torch import nn
 
 from ldmcli import checkpoint as ckpt_io
 from ldmcli.errors import CheckpointError, LdmError, UsageError
+from ldmcli.fileio import sha256_file
 
 Callback = Callable[[str], None]
 
@@ -177,15 +177,6 @@ def _manifest_sha256(path: Path) -> str | None:
     except (ValueError, LdmError, OSError, ImportError):
         return None
     return record.get("sha256") if isinstance(record, dict) else None
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
-    """The sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def checkpoint_sha256(model: nn.Module) -> str | None:

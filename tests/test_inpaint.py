@@ -8,7 +8,6 @@ through the real zoo/store/loading path. Images are a few dozen pixels and sampl
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -157,18 +156,6 @@ def test_sampler_settings_are_checked_before_loading():
         with pytest.raises(UsageError, match=words):
             ip.check_sampler(*args)
     ip.check_sampler("dpmpp", 20, 0.0)
-
-
-def test_write_atomic_leaves_nothing_on_failure(tmp_path, monkeypatch):
-    target = tmp_path / "out.png"
-
-    def broken_replace(src, dst):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(KeyboardInterrupt):
-        ip.write_atomic(target, b"data")
-    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------------------------- examples

@@ -19,6 +19,7 @@ import numpy as np
 
 from ldmcli import paths
 from ldmcli.errors import LdmError, UsageError
+from ldmcli.fileio import atomic_path
 
 #: The databases upstream published (``data/rdm/retrieval_databases/<name>``).
 ARTBENCH_STYLES = ("art_nouveau", "baroque", "expressionism", "impressionism", "post_impressionism", "realism",
@@ -253,11 +254,5 @@ def resolve_database(spec: str | os.PathLike, *, fetch: bool = True, progress=No
 
 def write_shard(path: Path, embedding: np.ndarray, img_id: np.ndarray, patch_coords: np.ndarray) -> None:
     """Write one database shard (uncompressed, so it can be memory-mapped) atomically: temp name, then rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, embedding=embedding, img_id=img_id, patch_coords=patch_coords)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, embedding=embedding, img_id=img_id, patch_coords=patch_coords)

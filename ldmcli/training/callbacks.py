@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 from PIL import Image
 
+from ldmcli.fileio import atomic_path
 from ldmcli.training.data import ResumableSampler
 
 Progress = Callable[[dict[str, Any]], None]
@@ -43,19 +43,8 @@ def _plain(value: Any) -> Any:
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file next to ``path``, flushed to disk, then renamed over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 class AtomicCheckpointIO(CheckpointIO):
@@ -181,10 +170,8 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int = 4) -> None:
     for k in range(b):
         r, q = divmod(k, ncol)
         grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = x[k]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
 
 
 class ImageLogger(L.Callback):

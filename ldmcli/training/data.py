@@ -24,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
 from ldmcli.errors import LdmError, UsageError
+from ldmcli.fileio import atomic_write_text
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 INTERPOLATIONS = {
@@ -295,9 +296,7 @@ def prepare_imagenet(split: str, data_root: str | os.PathLike | None = None,
     files = sorted(p.relative_to(datadir).as_posix() for p in datadir.glob("*/*.JPEG"))
     if not files:
         raise DataError(f"ImageNet {split}: no .JPEG files under {datadir}")
-    tmp = root / "filelist.txt.partial"
-    tmp.write_text("\n".join(files) + "\n")
-    os.replace(tmp, root / "filelist.txt")
+    atomic_write_text(root / "filelist.txt", "\n".join(files) + "\n")
     (root / ".ready").touch()
     return root
 

@@ -33,6 +33,7 @@ import torch
 
 from ldmcli import config as model_config
 from ldmcli.errors import CheckpointError, UsageError
+from ldmcli.fileio import atomic_write_text
 from ldmcli.training import data as data_mod
 from ldmcli.training.config import (
     TrainConfig,
@@ -98,10 +99,7 @@ def new_run_dir(logdir: str | os.PathLike, name: str, now: _dt.datetime | None =
 def _write_yaml(path: Path, doc: Any) -> None:
     import yaml
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(doc, sort_keys=False))
 
 
 # ------------------------------------------------------------------------------------------- first stage weights
