@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import Annotated, Optional
 
+import typer
 from rich.console import Console
 
 
@@ -22,3 +25,65 @@ def is_interactive() -> bool:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+# ------------------------------------------------------------------------------------------- shared option types
+# ``Annotated`` types for options that several commands declare the same way (names, aliases and help); the default
+# is the parameter's own (``device: DeviceOption = None``).
+
+# generation: txt2img, knn2img and sample
+DeviceOption = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N or mps (default: best "
+                                                     "available).", show_default=False)]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON record per written file on stdout.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")]
+SkipGridOption = Annotated[bool, typer.Option("--skip-grid", "--skip_grid", help="Do not write the grid.")]
+
+# text/CLIP-prompted generation: txt2img and knn2img
+PromptOption = Annotated[Optional[str], typer.Option("--prompt", help="The prompt (as upstream's script takes it).",
+                                                     show_default=False)]
+FromFileOption = Annotated[Optional[Path], typer.Option("--from-file", "--from_file", help="Render every line of "
+                                                        "FILE (prompts batched by --n_samples).", show_default=False)]
+ConfigOption = Annotated[Optional[Path], typer.Option("--config", help="Config of a compatible model (upstream YAML "
+                                                      "or ldmcli), with --ckpt.", show_default=False)]
+CkptOption = Annotated[Optional[Path], typer.Option("--ckpt", help="Checkpoint (.ckpt or .safetensors) for --config "
+                                                    "or --model.", show_default=False)]
+OutdirOption = Annotated[Path, typer.Option("--outdir", help="Where samples/ and grids go.")]
+StepsOption = Annotated[int, typer.Option("--ddim_steps", "--ddim-steps", "--steps", help="Sampling steps.")]
+PlmsOption = Annotated[bool, typer.Option("--plms", help="Shorthand for --sampler plms.")]
+EtaOption = Annotated[float, typer.Option("--ddim_eta", "--ddim-eta", "--eta", help="DDIM eta (0: deterministic).")]
+NIterOption = Annotated[int, typer.Option("--n_iter", "--n-iter", help="Repeat the whole run this often (grid rows).")]
+NSamplesOption = Annotated[int, typer.Option("--n_samples", "--n-samples", help="Images per prompt per iteration; "
+                                             "with --from-file, prompts per batch.")]
+PromptSeedOption = Annotated[Optional[int], typer.Option("--seed", help="Seed: image i of a prompt's run uses seed + i "
+                                                         "(default: random, recorded in every PNG).",
+                                                         show_default=False)]
+
+# training: train-ae and train-ldm
+TrainConfigOption = Annotated[Optional[str], typer.Option("--config", "-c", "--base", "-b", help="Training preset or "
+                                                          "config file (upstream YAML or ldmcli).")]
+ResumeOption = Annotated[Optional[Path], typer.Option("--resume", "-r", help="Continue a run: its folder or a "
+                                                      "checkpoint.")]
+DataOption = Annotated[Optional[Path], typer.Option("--data", help="Folder of training images (recursive).")]
+MaxStepsOption = Annotated[Optional[int], typer.Option("--max-steps", help="Stop after this many optimizer steps.")]
+MaxEpochsOption = Annotated[Optional[int], typer.Option("--max-epochs", help="Stop after this many epochs.")]
+BatchSizeOption = Annotated[Optional[int], typer.Option("--batch-size", help="Batch size per device.")]
+NumWorkersOption = Annotated[Optional[int], typer.Option("--num-workers", help="Data loading processes.")]
+AccumulateOption = Annotated[Optional[int], typer.Option("--accumulate", help="Batches per optimizer step.")]
+TrainPrecisionOption = Annotated[Optional[str], typer.Option("--precision", help="32, bf16-mixed or 16-mixed.")]
+AcceleratorOption = Annotated[Optional[str], typer.Option("--accelerator", help="auto, cpu, gpu, mps.")]
+DevicesOption = Annotated[Optional[str], typer.Option("--devices", help="Number of devices, 'auto', or indices 0,1.")]
+GpusOption = Annotated[Optional[str], typer.Option("--gpus", help="Upstream main.py style GPU list, e.g. 0,1")]
+NumNodesOption = Annotated[Optional[int], typer.Option("--num-nodes", help="Machines taking part (multi-node DDP).")]
+StrategyOption = Annotated[Optional[str], typer.Option("--strategy", help="auto, ddp, ddp_spawn or fsdp.")]
+TrainSeedOption = Annotated[Optional[int], typer.Option("--seed", "-s", help="Random seed (default 23, as upstream).")]
+ScaleLrOption = Annotated[Optional[bool], typer.Option("--scale-lr/--no-scale-lr", help="lr = accumulate x devices x "
+                                                       "batch size x base lr (default on).")]
+CheckpointEveryOption = Annotated[Optional[int], typer.Option("--checkpoint-every", help="Steps between "
+                                                              "checkpoints/last.ckpt updates.")]
+KeepEveryOption = Annotated[Optional[int], typer.Option("--keep-every", help="Keep step-N.ckpt every N steps.")]
+LogImagesEveryOption = Annotated[Optional[int], typer.Option("--log-images-every", help="Steps between PNG image "
+                                                             "logs (0: off).")]
+RecordExamplesOption = Annotated[bool, typer.Option("--record-examples", help="Write the example indices each "
+                                                    "process trained on.")]
+LogdirOption = Annotated[Path, typer.Option("--logdir", "-l", help="Where run folders are created.")]
+RunNameOption = Annotated[Optional[str], typer.Option("--name", "-n", help="Run name (default: the config's).")]

@@ -10,9 +10,10 @@ from typing import Any, Optional
 
 import typer
 
+from ldmcli.commands import _common as opts
 from ldmcli.commands.build_index import PHASES
-from ldmcli.commands.txt2img import (RunDisplay, load_for_sampling, net_device, pick_sampler, read_prompt_file,
-                                     run_generation)
+from ldmcli.commands.txt2img import (RunDisplay, check_counts, load_for_sampling, net_device, pick_sampler,
+                                     read_prompt_file, run_generation)
 from ldmcli.errors import UsageError
 
 DEFAULT_MODEL = "rdm768x768"
@@ -40,10 +41,8 @@ def _clip_dim(clip_dir: Path) -> int:
 def knn2img_command(
     prompt_arg: Optional[str] = typer.Argument(None, metavar="[PROMPT]", help="The prompt to render.",
                                                show_default=False),
-    prompt_opt: Optional[str] = typer.Option(None, "--prompt", help="The prompt (as upstream's script takes it).",
-                                             show_default=False),
-    from_file: Optional[Path] = typer.Option(None, "--from-file", "--from_file", help="Render every line of FILE "
-                                             "(prompts batched by --n_samples).", show_default=False),
+    prompt_opt: opts.PromptOption = None,
+    from_file: opts.FromFileOption = None,
     image: Optional[Path] = typer.Option(None, "--image", help="Use this image's CLIP embedding as the query and "
                                          "conditioning instead of a prompt (image variations).", show_default=False),
     use_neighbors: bool = typer.Option(False, "--use-neighbors", "--use_neighbors",
@@ -52,35 +51,30 @@ def knn2img_command(
     database: str = typer.Option("artbench-surrealism", "--database", help="Retrieval database (openimages, "
                                  "artbench-<style>, a database name or a folder of .npz), with --use-neighbors."),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Zoo name of a retrieval-augmented model."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Config of a compatible model (upstream YAML or "
-                                          "ldmcli), with --ckpt.", show_default=False),
-    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Checkpoint (.ckpt or .safetensors) for --config or "
-                                        "--model.", show_default=False),
-    outdir: Path = typer.Option(Path("outputs/knn2img-samples"), "--outdir", help="Where samples/ and grids go."),
-    ddim_steps: int = typer.Option(50, "--ddim_steps", "--ddim-steps", "--steps", help="Sampling steps."),
-    plms: bool = typer.Option(False, "--plms", help="Shorthand for --sampler plms."),
+    config: opts.ConfigOption = None,
+    ckpt: opts.CkptOption = None,
+    outdir: opts.OutdirOption = Path("outputs/knn2img-samples"),
+    ddim_steps: opts.StepsOption = 50,
+    plms: opts.PlmsOption = False,
     sampler: Optional[str] = typer.Option(None, "--sampler", help="ddim, plms, dpmpp (DPM-Solver++(2M)) or ddpm "
                                           "(default: ddim).", show_default=False),
-    ddim_eta: float = typer.Option(0.0, "--ddim_eta", "--ddim-eta", "--eta", help="DDIM eta (0: deterministic)."),
-    n_iter: int = typer.Option(1, "--n_iter", "--n-iter", help="Repeat the whole run this often (grid rows)."),
+    ddim_eta: opts.EtaOption = 0.0,
+    n_iter: opts.NIterOption = 1,
     height: int = typer.Option(768, "--H", help="Image height in pixels (the latent is [16, H/16, W/16])."),
     width: int = typer.Option(768, "--W", help="Image width in pixels."),
-    n_samples: int = typer.Option(3, "--n_samples", "--n-samples", help="Images per prompt per iteration; with "
-                                  "--from-file, prompts per batch."),
+    n_samples: opts.NSamplesOption = 3,
     n_rows: int = typer.Option(0, "--n_rows", "--n-rows", help="Images per grid row (default: n_samples)."),
     scale: float = typer.Option(5.0, "--scale", help="Classifier-free guidance scale against a zero context "
                                 "(upstream's unconditional input); 1 disables guidance."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed: image i of a prompt's run uses seed + i "
-                                       "(default: random, recorded in every PNG).", show_default=False),
-    skip_grid: bool = typer.Option(False, "--skip-grid", "--skip_grid", help="Do not write the grid."),
+    seed: opts.PromptSeedOption = None,
+    skip_grid: opts.SkipGridOption = False,
     clip_path: Optional[Path] = typer.Option(None, "--clip", help="A transformers CLIP folder (default: the store's "
                                              "clip-vit-large-patch14).", show_default=False),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps (default: best "
-                                         "available).", show_default=False),
+    device: opts.DeviceOption = None,
     precision: str = typer.Option("auto", "--precision", help="fp32, bf16, fp16 or auto for the diffusion model "
                                   "(CLIP always runs in fp32)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON record per written file on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),
+    as_json: opts.JsonOption = False,
+    quiet: opts.QuietOption = False,
 ) -> None:
     """Generate images with the retrieval-augmented diffusion model (rdm768x768), as upstream's scripts/knn2img.py.
 
@@ -102,13 +96,7 @@ def knn2img_command(
         raise UsageError(f"give one of PROMPT, --prompt, --from-file and --image, not {' and '.join(given)}")
     if not given:
         raise UsageError("give a PROMPT (or --prompt TEXT, --from-file FILE, or --image PATH)")
-    for flag, value in (("--n_samples", n_samples), ("--n_iter", n_iter)):
-        if value < 1:
-            raise UsageError(f"{flag} must be at least 1, got {value}")
-    if n_rows < 0:
-        raise UsageError(f"--n_rows must be >= 0, got {n_rows}")
-    if seed is not None and not 0 <= seed <= gen.MAX_SEED:
-        raise UsageError(f"--seed must be between 0 and {gen.MAX_SEED}, got {seed}")
+    check_counts((("--n_samples", n_samples), ("--n_iter", n_iter)), n_rows, seed)
     if use_neighbors and not 1 <= knn <= MAX_KNN:
         raise UsageError(f"--knn must be between 1 and {MAX_KNN}, got {knn}")
     images: dict[str, Any] = {}

@@ -8,7 +8,9 @@ from typing import Any, List, Optional
 
 import typer
 
-from ldmcli.commands.txt2img import RunDisplay, load_for_sampling, net_device, pick_sampler, run_generation
+from ldmcli.commands import _common as opts
+from ldmcli.commands.txt2img import (RunDisplay, check_counts, load_for_sampling, net_device, pick_sampler,
+                                     run_generation)
 from ldmcli.errors import UsageError
 
 
@@ -43,12 +45,11 @@ def sample_command(
                                        show_default=False),
     n_rows: int = typer.Option(0, "--n_rows", "--n-rows", help="Images per grid row (default: n_samples per class, "
                                "else the batch size).", show_default=False),
-    skip_grid: bool = typer.Option(False, "--skip-grid", "--skip_grid", help="Do not write the grid."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps (default: best "
-                                         "available).", show_default=False),
+    skip_grid: opts.SkipGridOption = False,
+    device: opts.DeviceOption = None,
     precision: str = typer.Option("auto", "--precision", help="fp32, bf16, fp16 or auto."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON record per written file on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),
+    as_json: opts.JsonOption = False,
+    quiet: opts.QuietOption = False,
 ) -> None:
     """Sample an unconditional or class-conditional LDM, as upstream's scripts/sample_diffusion.py.
 
@@ -61,13 +62,7 @@ def sample_command(
         raise UsageError("give MODEL or -r/--resume, not both")
     if model is None and resume is None:
         raise UsageError("give a MODEL (zoo name) or -r/--resume CHECKPOINT_OR_LOGDIR")
-    for flag, value in (("--n_samples", n_samples), ("--batch_size", batch_size)):
-        if value < 1:
-            raise UsageError(f"{flag} must be at least 1, got {value}")
-    if n_rows < 0:
-        raise UsageError(f"--n_rows must be >= 0, got {n_rows}")
-    if seed is not None and not 0 <= seed <= gen.MAX_SEED:
-        raise UsageError(f"--seed must be between 0 and {gen.MAX_SEED}, got {seed}")
+    check_counts((("--n_samples", n_samples), ("--batch_size", batch_size)), n_rows, seed)
     chosen = pick_sampler(sampler, False, vanilla_sample)
     settings = gen.SamplerSettings(chosen, custom_steps, (1.0 if chosen == "ddim" else 0.0) if eta is None else eta,
                                    scale)

@@ -1,6 +1,7 @@
 """``ldm train-ae``: train a first-stage autoencoder (KL or VQ, with LPIPS + PatchGAN losses) with Lightning.
 
-The options shared with ``ldm train-ldm`` and the progress rendering live here too.
+The command body shared with ``ldm train-ldm`` and the progress rendering live here too (the options they share are
+declared in ``_common``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from typing import Any, Optional
 
 import typer
 
+from ldmcli.commands import _common as opts
 from ldmcli.commands._common import is_interactive, stderr_console
 from ldmcli.errors import UsageError
 
@@ -122,33 +124,28 @@ def run_training_command(kind: str, *, config: Optional[str], resume: Optional[P
 def register(app: typer.Typer) -> None:
     @app.command("train-ae", epilog=HELP_EPILOG)
     def train_ae(
-        config: Optional[str] = typer.Option(None, "--config", "-c", "--base", "-b",
-                                             help="Training preset or config file (upstream YAML or ldmcli)."),
-        resume: Optional[Path] = typer.Option(None, "--resume", "-r", help="Continue a run: its folder or a checkpoint."),
-        data: Optional[Path] = typer.Option(None, "--data", help="Folder of training images (recursive)."),
-        max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
-        max_epochs: Optional[int] = typer.Option(None, "--max-epochs", help="Stop after this many epochs."),
-        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size per device."),
-        num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Data loading processes."),
-        accumulate: Optional[int] = typer.Option(None, "--accumulate", help="Batches per optimizer step."),
-        precision: Optional[str] = typer.Option(None, "--precision", help="32, bf16-mixed or 16-mixed."),
-        accelerator: Optional[str] = typer.Option(None, "--accelerator", help="auto, cpu, gpu, mps."),
-        devices: Optional[str] = typer.Option(None, "--devices", help="Number of devices, 'auto', or indices 0,1."),
-        gpus: Optional[str] = typer.Option(None, "--gpus", help="Upstream main.py style GPU list, e.g. 0,1"),
-        num_nodes: Optional[int] = typer.Option(None, "--num-nodes", help="Machines taking part (multi-node DDP)."),
-        strategy: Optional[str] = typer.Option(None, "--strategy", help="auto, ddp, ddp_spawn or fsdp."),
-        seed: Optional[int] = typer.Option(None, "--seed", "-s", help="Random seed (default 23, as upstream)."),
-        scale_lr: Optional[bool] = typer.Option(None, "--scale-lr/--no-scale-lr",
-                                                help="lr = accumulate x devices x batch size x base lr (default on)."),
-        checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every",
-                                                       help="Steps between checkpoints/last.ckpt updates."),
-        keep_every: Optional[int] = typer.Option(None, "--keep-every", help="Keep step-N.ckpt every N steps."),
-        log_images_every: Optional[int] = typer.Option(None, "--log-images-every",
-                                                       help="Steps between PNG image logs (0: off)."),
-        record_examples: bool = typer.Option(False, "--record-examples",
-                                             help="Write the example indices each process trained on."),
-        logdir: Path = typer.Option(Path("logs"), "--logdir", "-l", help="Where run folders are created."),
-        name: Optional[str] = typer.Option(None, "--name", "-n", help="Run name (default: the config's)."),
+        config: opts.TrainConfigOption = None,
+        resume: opts.ResumeOption = None,
+        data: opts.DataOption = None,
+        max_steps: opts.MaxStepsOption = None,
+        max_epochs: opts.MaxEpochsOption = None,
+        batch_size: opts.BatchSizeOption = None,
+        num_workers: opts.NumWorkersOption = None,
+        accumulate: opts.AccumulateOption = None,
+        precision: opts.TrainPrecisionOption = None,
+        accelerator: opts.AcceleratorOption = None,
+        devices: opts.DevicesOption = None,
+        gpus: opts.GpusOption = None,
+        num_nodes: opts.NumNodesOption = None,
+        strategy: opts.StrategyOption = None,
+        seed: opts.TrainSeedOption = None,
+        scale_lr: opts.ScaleLrOption = None,
+        checkpoint_every: opts.CheckpointEveryOption = None,
+        keep_every: opts.KeepEveryOption = None,
+        log_images_every: opts.LogImagesEveryOption = None,
+        record_examples: opts.RecordExamplesOption = False,
+        logdir: opts.LogdirOption = Path("logs"),
+        name: opts.RunNameOption = None,
     ) -> None:
         """Train a first-stage autoencoder (AutoencoderKL or VQModel) on images."""
         run_training_command("autoencoder", **locals())

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import typer
 
+from ldmcli.commands import _common as opts
 from ldmcli.commands._common import is_interactive, stderr_console
 from ldmcli.errors import UsageError
 
@@ -138,42 +139,49 @@ def pick_sampler(sampler: Optional[str], plms: bool, vanilla: bool = False) -> s
     return chosen or "ddim"
 
 
+def check_counts(counts: Iterable[tuple[str, int]], n_rows: int, seed: Optional[int]) -> None:
+    """The cheap checks every generation command makes: each ``(flag, count)`` at least 1, ``--n_rows`` not negative,
+    ``--seed`` in the range the generator takes."""
+    from ldmcli.generate import MAX_SEED
+
+    for flag, value in counts:
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+    if n_rows < 0:
+        raise UsageError(f"--n_rows must be >= 0, got {n_rows}")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"--seed must be between 0 and {MAX_SEED}, got {seed}")
+
+
 def txt2img_command(
     prompt_arg: Optional[str] = typer.Argument(None, metavar="PROMPT", help="The prompt to render.",
                                                show_default=False),
-    prompt_opt: Optional[str] = typer.Option(None, "--prompt", help="The prompt (as upstream's script takes it).",
-                                             show_default=False),
-    from_file: Optional[Path] = typer.Option(None, "--from-file", "--from_file", help="Render every line of FILE "
-                                             "(prompts batched by --n_samples).", show_default=False),
+    prompt_opt: opts.PromptOption = None,
+    from_file: opts.FromFileOption = None,
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Zoo name of a text-to-image LDM."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Config of a compatible model (upstream YAML or "
-                                          "ldmcli), with --ckpt.", show_default=False),
-    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Checkpoint (.ckpt or .safetensors) for --config or "
-                                        "--model.", show_default=False),
-    outdir: Path = typer.Option(Path("outputs/txt2img-samples"), "--outdir", help="Where samples/ and grids go."),
-    ddim_steps: int = typer.Option(50, "--ddim_steps", "--ddim-steps", "--steps", help="Sampling steps."),
-    plms: bool = typer.Option(False, "--plms", help="Shorthand for --sampler plms."),
+    config: opts.ConfigOption = None,
+    ckpt: opts.CkptOption = None,
+    outdir: opts.OutdirOption = Path("outputs/txt2img-samples"),
+    ddim_steps: opts.StepsOption = 50,
+    plms: opts.PlmsOption = False,
     sampler: Optional[str] = typer.Option(None, "--sampler", help="ddim, plms, dpmpp (DPM-Solver++(2M)) or ddpm "
                                           "(the full 1000-step chain) (default: ddim).", show_default=False),
-    ddim_eta: float = typer.Option(0.0, "--ddim_eta", "--ddim-eta", "--eta", help="DDIM eta (0: deterministic)."),
-    n_iter: int = typer.Option(1, "--n_iter", "--n-iter", help="Repeat the whole run this often (grid rows)."),
+    ddim_eta: opts.EtaOption = 0.0,
+    n_iter: opts.NIterOption = 1,
     height: int = typer.Option(256, "--H", help="Image height in pixels (larger than 256 runs convolutionally)."),
     width: int = typer.Option(256, "--W", help="Image width in pixels."),
-    n_samples: int = typer.Option(4, "--n_samples", "--n-samples", help="Images per prompt per iteration; with "
-                                  "--from-file, prompts per batch."),
+    n_samples: opts.NSamplesOption = 4,
     n_rows: int = typer.Option(0, "--n_rows", "--n-rows", help="Images per grid row (default: n_samples).",
                                 show_default=False),
     scale: float = typer.Option(5.0, "--scale", help="Classifier-free guidance scale: eps(x, '') + scale * "
                                 "(eps(x, prompt) - eps(x, '')); 1 disables guidance."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed: image i of a prompt's run uses seed + i "
-                                       "(default: random, recorded in every PNG).", show_default=False),
-    skip_grid: bool = typer.Option(False, "--skip-grid", "--skip_grid", help="Do not write the grid."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps (default: best "
-                                         "available).", show_default=False),
+    seed: opts.PromptSeedOption = None,
+    skip_grid: opts.SkipGridOption = False,
+    device: opts.DeviceOption = None,
     precision: str = typer.Option("auto", "--precision", help="fp32, bf16, fp16 or auto (bf16 where the hardware "
                                   "has it natively)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON record per written file on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),
+    as_json: opts.JsonOption = False,
+    quiet: opts.QuietOption = False,
 ) -> None:
     """Generate images from text (txt2img-f8-large by default), as upstream's scripts/txt2img.py.
 
@@ -190,13 +198,7 @@ def txt2img_command(
         raise UsageError(f"give one of PROMPT, --prompt and --from-file, not {' and '.join(given)}")
     if not given:
         raise UsageError("give a PROMPT (or --prompt TEXT, or --from-file FILE)")
-    for flag, value in (("--n_samples", n_samples), ("--n_iter", n_iter)):
-        if value < 1:
-            raise UsageError(f"{flag} must be at least 1, got {value}")
-    if n_rows < 0:
-        raise UsageError(f"--n_rows must be >= 0, got {n_rows}")
-    if seed is not None and not 0 <= seed <= gen.MAX_SEED:
-        raise UsageError(f"--seed must be between 0 and {gen.MAX_SEED}, got {seed}")
+    check_counts((("--n_samples", n_samples), ("--n_iter", n_iter)), n_rows, seed)
     if from_file is not None:
         items = gen_items = read_prompt_file(from_file)
     else:
