@@ -110,6 +110,11 @@ def ensure(name: str, *, force: bool = False, progress: ProgressCallback | None 
     missing = missing_files(entry.name)
     if not missing and not force:
         return dest
+    if entry.packaged:  # built into the package: there is nothing to download
+        if not missing:
+            return dest
+        raise LdmError(f"{missing[0]} is missing from the ldmcli installation ({entry.name} ships with the "
+                       "package): reinstall ldmcli")
     if paths.offline():
         if not missing:
             raise OfflineError(f"cannot download {entry.name} again: network use is off (--offline / LDM_OFFLINE)")

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
 from ldmcli import paths
 from ldmcli.errors import UnknownModelError
 
-Kind = Literal["first_stage", "ldm", "rdm", "database", "searcher", "asset"]
+Kind = Literal["first_stage", "ldm", "rdm", "database", "searcher", "asset", "builtin"]
 
 OMMER = "https://ommer-lab.com/files"
 HEIBOX = "https://heibox.uni-heidelberg.de"
@@ -61,16 +62,29 @@ class ZooEntry:
     config: str | None = None
     description: str = ""
     aliases: tuple[str, ...] = field(default=())
+    #: shipped inside the ldmcli package (``dest`` is then relative to the package): nothing to download
+    packaged: bool = False
 
     def local_dir(self) -> Path:
-        """The entry's folder under the current data directory (resolved now; nothing is created)."""
+        """The entry's folder under the current data directory (resolved now; nothing is created); for a packaged
+        entry, its folder inside the installed package."""
+        if self.packaged:
+            return _package_dir().joinpath(*self.dest.split("/"))
         return paths.data_dir().joinpath(*self.dest.split("/"))
 
     @property
     def approx_size(self) -> int | None:
-        """Approximate total download size in bytes, or None when unknown."""
+        """Approximate total download size in bytes, or None when unknown (a packaged entry: its files' size)."""
+        if self.packaged:
+            folder = self.local_dir()
+            return sum((folder / rel).stat().st_size for rel in self.contents if (folder / rel).is_file())
         sizes = [f.size for f in self.files]
         return None if any(s is None for s in sizes) else sum(sizes)  # type: ignore[misc]
+
+
+def _package_dir() -> Path:
+    """The installed ``ldmcli`` package folder (package data such as the built-in digits model lives under it)."""
+    return Path(str(resources.files("ldmcli")))
 
 
 def _gb(x: float) -> int:
@@ -183,6 +197,18 @@ _ENTRIES: tuple[ZooEntry, ...] = (
         checkpoint="model.ckpt",
         config="configs/latent-diffusion/cin256-v2.yaml",
         description="ImageNet class-conditional 256 with a null class for classifier-free guidance",
+    ),
+    # --- built in: trained by ldm train-ae / train-ldm on scikit-learn's digits, shipped in the package ---
+    ZooEntry(
+        name="digits",
+        kind="builtin",
+        dest="assets/digits",
+        files=(),
+        contents=("model.safetensors", "config.yaml"),
+        checkpoint="model.safetensors",
+        config=str(_package_dir() / "assets" / "digits" / "config.yaml"),
+        description="handwritten digits 32x32, class-conditional (10 classes + null), built in: no download",
+        packaged=True,
     ),
     # --- retrieval-augmented diffusion ---
     ZooEntry(
