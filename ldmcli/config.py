@@ -436,7 +436,7 @@ class ModelConfig:
 # ------------------------------------------------------------------------------------------------ validation core
 
 
-class _Reader:
+class Reader:
     """Validates plain YAML/JSON values into the dataclasses, naming ``source`` and the field path in errors."""
 
     def __init__(self, source: str) -> None:
@@ -457,7 +457,7 @@ class _Reader:
     def choice(self, value: Any, choices: typing.Iterable[str], where: str, what: str = "value") -> str:
         choices = list(choices)
         if not isinstance(value, str) or value not in choices:
-            hint = _close(value, choices) if isinstance(value, str) else ""
+            hint = did_you_mean(value, choices) if isinstance(value, str) else ""
             raise self.fail(where, f"unknown {what} {_show(value)}{hint} (expected one of {', '.join(choices)})")
         return value
 
@@ -521,7 +521,7 @@ class _Reader:
             path = f"{where}.{key}" if where else key
             name = aliases.get(key, key)
             if key not in allowed:
-                raise self.fail(path, f"unknown key{_close(key, allowed)}")
+                raise self.fail(path, f"unknown key{did_you_mean(key, allowed)}")
             kwargs[name] = nested[name](item, path) if name in nested else self.coerce(item, hints[name], path)
         for name, f in fields.items():
             if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -533,7 +533,7 @@ class _Reader:
         if not isinstance(value, str):
             raise self.fail(where, f"target must be a string, got {_show(value)}")
         if value not in registry:
-            raise self.fail(where, f"unknown {what} target {value!r}{_close(value, list(registry))} "
+            raise self.fail(where, f"unknown {what} target {value!r}{did_you_mean(value, list(registry))} "
                                    f"(known: {', '.join(sorted(registry))})")
         return registry[value]
 
@@ -555,7 +555,8 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _close(word: Any, candidates: typing.Iterable[str]) -> str:
+def did_you_mean(word: Any, candidates: typing.Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest candidate, or ``""``."""
     if not isinstance(word, str):
         return ""
     matches = difflib.get_close_matches(word, list(candidates), n=1)
@@ -565,7 +566,7 @@ def _close(word: Any, candidates: typing.Iterable[str]) -> str:
 # --------------------------------------------------------------------------------------------- semantic checks
 
 
-def _check_ddconfig(r: _Reader, dd: DDConfig, where: str) -> DDConfig:
+def _check_ddconfig(r: Reader, dd: DDConfig, where: str) -> DDConfig:
     r.choice(dd.attn_type, ATTN_TYPES, f"{where}.attn_type", "attn_type")
     for name in ("ch", "out_ch", "in_channels", "resolution", "z_channels"):
         if getattr(dd, name) <= 0:
@@ -579,7 +580,7 @@ def _check_ddconfig(r: _Reader, dd: DDConfig, where: str) -> DDConfig:
     return dd
 
 
-def _check_loss(r: _Reader, loss: LossConfig, where: str) -> LossConfig:
+def _check_loss(r: Reader, loss: LossConfig, where: str) -> LossConfig:
     p = loss.params
     if p is not None:
         r.choice(p.disc_loss, ("hinge", "vanilla"), f"{where}.disc_loss", "disc_loss")
@@ -591,7 +592,7 @@ def _check_loss(r: _Reader, loss: LossConfig, where: str) -> LossConfig:
     return loss
 
 
-def _check_first_stage(r: _Reader, fs: FirstStageConfig, where: str) -> FirstStageConfig:
+def _check_first_stage(r: Reader, fs: FirstStageConfig, where: str) -> FirstStageConfig:
     if fs.embed_dim <= 0:
         raise r.fail(f"{where}.embed_dim", "must be positive")
     if fs.type == "kl" and not fs.ddconfig.double_z:
@@ -604,7 +605,7 @@ def _check_first_stage(r: _Reader, fs: FirstStageConfig, where: str) -> FirstSta
     return fs
 
 
-def _check_unet(r: _Reader, u: UNetConfig, where: str) -> UNetConfig:
+def _check_unet(r: Reader, u: UNetConfig, where: str) -> UNetConfig:
     for name in ("image_size", "in_channels", "model_channels", "out_channels"):
         if getattr(u, name) <= 0:
             raise r.fail(f"{where}.{name}", "must be positive")
@@ -628,7 +629,7 @@ def _check_unet(r: _Reader, u: UNetConfig, where: str) -> UNetConfig:
     return u
 
 
-def _check_cond(r: _Reader, c: CondStageConfig, where: str) -> CondStageConfig:
+def _check_cond(r: Reader, c: CondStageConfig, where: str) -> CondStageConfig:
     p = c.params
     if isinstance(p, BERTEmbedderParams):
         for name in ("n_embed", "n_layer", "vocab_size", "max_seq_len"):
@@ -645,7 +646,7 @@ def _check_cond(r: _Reader, c: CondStageConfig, where: str) -> CondStageConfig:
     return c
 
 
-def _check_ldm(r: _Reader, d: LatentDiffusionConfig, where: str) -> LatentDiffusionConfig:
+def _check_ldm(r: Reader, d: LatentDiffusionConfig, where: str) -> LatentDiffusionConfig:
     r.choice(d.beta_schedule, BETA_SCHEDULES, f"{where}.beta_schedule", "beta_schedule")
     r.choice(d.parameterization, PARAMETERIZATIONS, f"{where}.parameterization", "parameterization")
     r.choice(d.loss_type, ("l1", "l2"), f"{where}.loss_type", "loss_type")
@@ -682,7 +683,7 @@ def _check_ldm(r: _Reader, d: LatentDiffusionConfig, where: str) -> LatentDiffus
 # ------------------------------------------------------------------------------------- upstream YAML → config
 
 
-def _upstream_loss(r: _Reader, value: Any, where: str) -> LossConfig:
+def _upstream_loss(r: Reader, value: Any, where: str) -> LossConfig:
     target, params = r.target_block(value, where)
     kind = r.target(target, LOSS_TARGETS, f"{where}.target", "loss")
     if kind in ("none", "dummy"):
@@ -693,13 +694,13 @@ def _upstream_loss(r: _Reader, value: Any, where: str) -> LossConfig:
                        f"{where}.params")
 
 
-def _upstream_scheduler(r: _Reader, value: Any, where: str) -> SchedulerConfig:
+def _upstream_scheduler(r: Reader, value: Any, where: str) -> SchedulerConfig:
     target, params = r.target_block(value, where)
     kind = r.target(target, SCHEDULER_TARGETS, f"{where}.target", "learning-rate scheduler")
     return _scheduler(r, kind, params, f"{where}.params")
 
 
-def _scheduler(r: _Reader, kind: str, params: Any, where: str) -> SchedulerConfig:
+def _scheduler(r: Reader, kind: str, params: Any, where: str) -> SchedulerConfig:
     p = r.dataclass(_SCHEDULER_PARAMS[kind], params, where)
     if isinstance(p, CyclesParams):
         lengths = {len(p.warm_up_steps), len(p.f_min), len(p.f_max), len(p.f_start), len(p.cycle_lengths)}
@@ -708,7 +709,7 @@ def _scheduler(r: _Reader, kind: str, params: Any, where: str) -> SchedulerConfi
     return SchedulerConfig(kind, p)
 
 
-def _upstream_first_stage(r: _Reader, kind: str, params: Any, where: str) -> FirstStageConfig:
+def _upstream_first_stage(r: Reader, kind: str, params: Any, where: str) -> FirstStageConfig:
     data = r.mapping(params, where)
     if kind != "kl" and "use_ema" in data:  # upstream VQModel's EMA of the whole autoencoder: unused by the zoo
         if r.coerce(data.pop("use_ema"), bool, f"{where}.use_ema"):
@@ -725,7 +726,7 @@ def _upstream_first_stage(r: _Reader, kind: str, params: Any, where: str) -> Fir
     return _check_first_stage(r, fs, where)
 
 
-def _upstream_cond(r: _Reader, value: Any, where: str) -> CondStageConfig:
+def _upstream_cond(r: Reader, value: Any, where: str) -> CondStageConfig:
     if isinstance(value, str):
         if value not in COND_SENTINELS:
             raise r.fail(where, f"unknown conditioner {value!r} (expected a target block or one of "
@@ -742,7 +743,7 @@ def _upstream_cond(r: _Reader, value: Any, where: str) -> CondStageConfig:
                                                              ignored=ignored)), f"{where}.params")
 
 
-def _upstream_ldm(r: _Reader, params: Any, where: str) -> LatentDiffusionConfig:
+def _upstream_ldm(r: Reader, params: Any, where: str) -> LatentDiffusionConfig:
     data = r.mapping(params, where)
     for key in ("unet_config", "first_stage_config", "cond_stage_config"):
         if key not in data:
@@ -779,7 +780,7 @@ def _upstream_ldm(r: _Reader, params: Any, where: str) -> LatentDiffusionConfig:
 
 def from_upstream(doc: Any, source: str = "<config>") -> ModelConfig:
     """An upstream latent-diffusion YAML document (already parsed) → :class:`ModelConfig`."""
-    r = _Reader(source)
+    r = Reader(source)
     top = r.mapping(doc, "")
     for key in top:
         if key not in ("model", "data", "lightning"):
@@ -850,7 +851,7 @@ def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
     return out
 
 
-def _ours_typed(r: _Reader, value: Any, where: str, kinds: tuple[str, ...], params: Mapping[str, type],
+def _ours_typed(r: Reader, value: Any, where: str, kinds: tuple[str, ...], params: Mapping[str, type],
                 what: str) -> tuple[str, Any]:
     """Read ``{type: ..., **params}`` or a bare type name."""
     if isinstance(value, str):
@@ -869,7 +870,7 @@ def _ours_typed(r: _Reader, value: Any, where: str, kinds: tuple[str, ...], para
     return kind, r.dataclass(params[kind], data, where)
 
 
-def _ours_first_stage(r: _Reader, value: Any, where: str, *, inside_ldm: bool) -> FirstStageConfig:
+def _ours_first_stage(r: Reader, value: Any, where: str, *, inside_ldm: bool) -> FirstStageConfig:
     if isinstance(value, str):
         if not inside_ldm:
             raise r.fail(where, "a first-stage model must spell out its architecture (a mapping)")
@@ -894,7 +895,7 @@ def _ours_first_stage(r: _Reader, value: Any, where: str, *, inside_ldm: bool) -
     return _check_first_stage(r, fs, where)
 
 
-def _ours_scheduler(r: _Reader, value: Any, where: str) -> SchedulerConfig | None:
+def _ours_scheduler(r: Reader, value: Any, where: str) -> SchedulerConfig | None:
     if value is None:
         return None
     data = r.mapping(value, where)
@@ -906,7 +907,7 @@ def _ours_scheduler(r: _Reader, value: Any, where: str) -> SchedulerConfig | Non
 
 def config_from_dict(data: Any, source: str = "<config>", name: str | None = None) -> ModelConfig:
     """ldmcli's own format (a preset file, or what ``config_to_dict`` wrote) → :class:`ModelConfig`."""
-    r = _Reader(source)
+    r = Reader(source)
     top = r.mapping(data, "")
     version = top.pop(FORMAT_KEY, None)
     if version != FORMAT_VERSION:
@@ -920,7 +921,7 @@ def config_from_dict(data: Any, source: str = "<config>", name: str | None = Non
     allowed = ("first_stage",) if kind == "first_stage" else ("first_stage", "unet", "cond_stage", "diffusion")
     for key in top:
         if key not in allowed:
-            raise r.fail(key, f"unknown key{_close(key, allowed)} (a {kind} config has {', '.join(allowed)})")
+            raise r.fail(key, f"unknown key{did_you_mean(key, allowed)} (a {kind} config has {', '.join(allowed)})")
     for key in allowed:
         if key not in top:
             raise r.fail(key, "missing required key")
@@ -940,15 +941,40 @@ def config_from_dict(data: Any, source: str = "<config>", name: str | None = Non
 # ------------------------------------------------------------------------------------------------------ loading
 
 
-def preset_names() -> list[str]:
-    """Every preset shipped with the package (one per zoo model)."""
-    folder = resources.files("ldmcli") / "presets"
-    if not folder.is_dir():
+def preset_names(folder: str = "") -> list[str]:
+    """Every preset shipped with the package: one per zoo model, or those of ``presets/<folder>`` (``train``)."""
+    root = resources.files("ldmcli") / "presets"
+    root = root / folder if folder else root
+    if not root.is_dir():
         return []
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_yaml(text: str, source: str) -> Any:
+def read_preset(name: str, folder: str = "") -> Any:
+    """The YAML document of the shipped preset ``name`` (in ``presets/<folder>`` if given)."""
+    root = resources.files("ldmcli") / "presets"
+    root = root / folder if folder else root
+    return read_yaml((root / f"{name}.yaml").read_text(encoding="utf-8"), f"preset {name}")
+
+
+def read_config_file(path: Path) -> Any:
+    """The document in a config file: JSON for ``.json``, YAML otherwise (unreadable or invalid: UsageError)."""
+    try:
+        content = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read config {path}: {e}") from None
+    if path.suffix == ".json":
+        import json
+
+        try:
+            return json.loads(content)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"invalid config {path}: not valid JSON: {e}") from None
+    return read_yaml(content, str(path))
+
+
+def read_yaml(text: str, source: str) -> Any:
+    """Parse YAML text (``source`` names it in the one-line UsageError for invalid YAML)."""
     import yaml
 
     try:
@@ -982,31 +1008,16 @@ def load_config(name_or_path: str | os.PathLike, _via: str | None = None) -> Mod
     text = os.fspath(name_or_path)
     names = preset_names()
     if not isinstance(name_or_path, os.PathLike) and not _looks_like_path(text) and text in names:
-        resource = resources.files("ldmcli") / "presets" / f"{text}.yaml"
-        return parse_config(_read_yaml(resource.read_text(encoding="utf-8"), f"preset {text}"), f"preset {text}",
-                            name=text)
+        return parse_config(read_preset(text), f"preset {text}", name=text)
     path = Path(text).expanduser()
     if path.is_dir() and (path / "config.yaml").is_file():
         path = path / "config.yaml"
     if path.is_file():
-        try:
-            content = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"cannot read config {path}: {e}") from None
-        if path.suffix == ".json":
-            import json
-
-            try:
-                doc = json.loads(content)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"invalid config {path}: not valid JSON: {e}") from None
-        else:
-            doc = _read_yaml(content, str(path))
-        return parse_config(doc, str(path))
+        return parse_config(read_config_file(path), str(path))
     if _looks_like_path(text) or isinstance(name_or_path, os.PathLike):
         raise UsageError(f"config file not found: {path}")
     prefix = f"{_via}: " if _via else ""
-    raise UnknownModelError(f"{prefix}unknown model {text!r}{_close(text, names)} "
+    raise UnknownModelError(f"{prefix}unknown model {text!r}{did_you_mean(text, names)} "
                             f"(a zoo name such as {', '.join(names[:3])}, ... or a config file path)")
 
 
@@ -1026,7 +1037,8 @@ def _build_loss(loss: LossConfig) -> Any:
     return losses.VQLPIPSWithDiscriminator(**params)
 
 
-def _scheduler_dict(s: SchedulerConfig | None) -> dict[str, Any] | None:
+def scheduler_dict(s: SchedulerConfig | None) -> dict[str, Any] | None:
+    """A scheduler config as upstream's ``scheduler_config`` (``target`` and ``params``) for the models."""
     if s is None:
         return None
     target = next(t for t, k in SCHEDULER_TARGETS.items() if k == s.type)
@@ -1046,7 +1058,7 @@ def build_first_stage(fs: FirstStageConfig) -> Any:
     return cls(ddconfig=ddconfig, n_embed=fs.n_embed, embed_dim=fs.embed_dim, loss=loss, remap=fs.remap,
                sane_index_shape=fs.sane_index_shape,
                batch_resize_range=list(fs.batch_resize_range) if fs.batch_resize_range is not None else None,
-               scheduler_config=_scheduler_dict(fs.scheduler), lr_g_factor=fs.lr_g_factor, **common)
+               scheduler_config=scheduler_dict(fs.scheduler), lr_g_factor=fs.lr_g_factor, **common)
 
 
 def build_cond_stage(cond: CondStageConfig, first_stage: Any = None,
@@ -1087,7 +1099,7 @@ def build_latent_diffusion(d: LatentDiffusionConfig, bert_vocab: str | os.PathLi
     params = {name: _plain(getattr(d, name)) for name in _LDM_PASSTHROUGH}
     # the resolved key plus a matching concat_mode, so upstream's defaulting rules cannot change it
     params["concat_mode"] = d.conditioning_key == "concat"
-    params["scheduler_config"] = _scheduler_dict(d.scheduler)
+    params["scheduler_config"] = scheduler_dict(d.scheduler)
     return ddpm.LatentDiffusion(unet=unet, first_stage_model=first_stage, cond_stage_model=cond, **params)
 
 

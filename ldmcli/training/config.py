@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -94,14 +93,12 @@ class TrainConfig:
 
 
 def preset_names() -> list[str]:
-    folder = resources.files("ldmcli") / "presets" / "train"
-    if not folder.is_dir():
-        return []
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    """The shipped training presets (``ldmcli/presets/train``)."""
+    return model_config.preset_names("train")
 
 
-def _reader(source: str) -> Any:
-    return model_config._Reader(source)  # the model configs' validator: same messages, same rules
+def _reader(source: str) -> model_config.Reader:
+    return model_config.Reader(source)  # the model configs' validator: same messages, same rules
 
 
 def _check_settings(r: Any, s: TrainSettings, where: str) -> TrainSettings:
@@ -168,7 +165,7 @@ def parse_data(value: Any, source: str, where: str = "data") -> DataConfig:
         from ldmcli.training.data import DATASETS
 
         if t not in DATASETS:
-            raise r.fail(f"{w}.target", f"unknown dataset {t!r}{model_config._close(t, list(DATASETS))} "
+            raise r.fail(f"{w}.target", f"unknown dataset {t!r}{model_config.did_you_mean(t, list(DATASETS))} "
                                         f"(known: {', '.join(sorted(DATASETS))})")
         return DatasetConfig(t, p)
 
@@ -243,27 +240,12 @@ def load_train_config(name_or_path: str | os.PathLike) -> TrainConfig:
     text = os.fspath(name_or_path)
     path = Path(text).expanduser()
     if not path.is_file() and text in preset_names():
-        res = resources.files("ldmcli") / "presets" / "train" / f"{text}.yaml"
-        doc = model_config._read_yaml(res.read_text(encoding="utf-8"), f"preset {text}")
-        return parse_train_config(doc, f"preset {text}", text)
+        return parse_train_config(model_config.read_preset(text, "train"), f"preset {text}", text)
     if not path.is_file():
         known = preset_names()
         raise UsageError(f"training config not found: {text}"
                          + (f" (a file, or a preset: {', '.join(known)})" if known else ""))
-    try:
-        content = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read config {path}: {e}") from None
-    if path.suffix == ".json":
-        import json
-
-        try:
-            doc = json.loads(content)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"invalid config {path}: not valid JSON: {e}") from None
-    else:
-        doc = model_config._read_yaml(content, str(path))
-    return parse_train_config(doc, str(path), path.stem)
+    return parse_train_config(model_config.read_config_file(path), str(path), path.stem)
 
 
 def settings_to_dict(s: TrainSettings) -> dict[str, Any]:

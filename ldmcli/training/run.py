@@ -520,7 +520,7 @@ def train(
         module = LatentDiffusionModule(net, lr, seed=settings.seed, cond_drop=settings.cond_drop,
                                        null_condition=null_condition, restarted=ckpt_path is not None,
                                        image_logger_images=settings.max_images, sample_steps=settings.sample_steps,
-                                       scheduler_config=model_config._scheduler_dict(model_cfg.ldm.scheduler))
+                                       scheduler_config=model_config.scheduler_dict(model_cfg.ldm.scheduler))
     module.extra_checkpoint = {"ldmcli_config": model_config.config_to_dict(model_cfg)}
 
     if not is_child:
