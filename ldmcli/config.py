@@ -646,7 +646,7 @@ def _check_cond(r: Reader, c: CondStageConfig, where: str) -> CondStageConfig:
     return c
 
 
-def _check_ldm(r: Reader, d: LatentDiffusionConfig, where: str) -> LatentDiffusionConfig:
+def _check_ldm(r: Reader, d: LatentDiffusionConfig, where: str, unet_where: str) -> LatentDiffusionConfig:
     r.choice(d.beta_schedule, BETA_SCHEDULES, f"{where}.beta_schedule", "beta_schedule")
     r.choice(d.parameterization, PARAMETERIZATIONS, f"{where}.parameterization", "parameterization")
     r.choice(d.loss_type, ("l1", "l2"), f"{where}.loss_type", "loss_type")
@@ -672,6 +672,12 @@ def _check_ldm(r: Reader, d: LatentDiffusionConfig, where: str) -> LatentDiffusi
         raise r.fail(f"{where}.conditioning_key", "must be null exactly when the model is unconditional")
     if (d.conditioning_key == "adm") != (d.unet.num_classes is not None):
         raise r.fail(f"{where}.conditioning_key", "adm conditioning and the UNet's num_classes go together")
+    if d.unet.context_dim is not None and d.conditioning_key not in ("crossattn", "hybrid"):
+        given = "the model is unconditional" if kind == "unconditional" else \
+            f"conditioning_key {d.conditioning_key!r} passes none"
+        raise r.fail(f"{unet_where}.context_dim", f"cross-attention (use_spatial_transformer) needs a context but "
+                                                  f"{given}: use crossattn or hybrid conditioning, or drop "
+                                                  f"use_spatial_transformer and context_dim")
     width = {BERTEmbedderParams: "n_embed", ClassEmbedderParams: "embed_dim"}.get(type(d.cond_stage.params))
     if (d.conditioning_key in ("crossattn", "hybrid") and width is not None and d.unet.context_dim is not None
             and getattr(d.cond_stage.params, width) != d.unet.context_dim):
@@ -775,7 +781,7 @@ def _upstream_ldm(r: Reader, params: Any, where: str) -> LatentDiffusionConfig:
         extra={"conditioning_key": key, "cond_stage": cond},
         aliases={"unet_config": "unet", "first_stage_config": "first_stage", "scheduler_config": "scheduler"},
         nested={"unet": unet, "first_stage": first_stage, "scheduler": lambda v, w: _upstream_scheduler(r, v, w)})
-    return _check_ldm(r, d, where)
+    return _check_ldm(r, d, where, f"{where}.unet_config.params")
 
 
 def from_upstream(doc: Any, source: str = "<config>") -> ModelConfig:
@@ -935,7 +941,7 @@ def config_from_dict(data: Any, source: str = "<config>", name: str | None = Non
     d = r.dataclass(LatentDiffusionConfig, top["diffusion"], "diffusion", exclude=set(_LDM_NESTED) - {"scheduler"},
                     extra={"unet": unet, "first_stage": fs, "cond_stage": cond},
                     nested={"scheduler": lambda v, w: _ours_scheduler(r, v, w)})
-    return ModelConfig("ldm", _check_ldm(r, d, "diffusion"), lr, name=name, source=source)
+    return ModelConfig("ldm", _check_ldm(r, d, "diffusion", "unet"), lr, name=name, source=source)
 
 
 # ------------------------------------------------------------------------------------------------------ loading

@@ -224,6 +224,23 @@ def test_semantic_errors(tmp_path):
     assert "attn_type 'flash'" in _error(tmp_path, doc)
 
 
+def test_cross_attention_without_a_context_is_rejected(tmp_path):
+    doc = _upstream(UPSTREAM["celeba256"])  # unconditional, with the UNet of a cross-attention model
+    doc["model"]["params"]["unet_config"]["params"].update(use_spatial_transformer=True, context_dim=64)
+    message = _error(tmp_path, doc)
+    assert "model.params.unet_config.params.context_dim: cross-attention" in message
+    assert "the model is unconditional" in message
+    doc = _upstream(UPSTREAM["inpainting_big"])  # concat conditioning passes no context either
+    doc["model"]["params"]["unet_config"]["params"].update(use_spatial_transformer=True, context_dim=64)
+    assert "conditioning_key 'concat' passes none" in _error(tmp_path, doc)
+    doc = _ours(cond_stage="unconditional")
+    doc["diffusion"]["conditioning_key"] = None
+    assert "unet.context_dim: cross-attention" in _error(tmp_path, doc)
+    del doc["unet"]["context_dim"]
+    doc["unet"]["use_spatial_transformer"] = False
+    assert config.load_config(_write(tmp_path, doc)).conditioner == "unconditional"
+
+
 def test_not_a_config(tmp_path):
     assert "neither an upstream config" in _error(tmp_path, {"hello": 1})
     bad = tmp_path / "broken.yaml"
