@@ -10,13 +10,13 @@ import textwrap
 import pytest
 import torch
 
+from conftest import REPO
 from ldmcli import checkpoint as ckpt_io
 from ldmcli.devices import cpu_flags, cpu_has_native_bf16, pick_device, resolve_precision
 from ldmcli.errors import CheckpointError, UnknownModelError, UsageError
 from ldmcli.fileio import sha256_file
 from ldmcli.loading import checkpoint_sha256, load_model
-from tests.conftest import REPO
-from tests.tinymodels import FAMILIES, install_bert_vocab, install_tiny, write_tiny
+from tinymodels import FAMILIES, install_bert_vocab, install_tiny, write_tiny
 
 EMA_FAMILIES = [f for f in FAMILIES if f != "txt2img"]
 

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from ldmcli.output import read_metadata
-from tests.test_txt2img import config_dir, register_config_only  # noqa: F401 (config_dir is a fixture)
-from tests.tinymodels import install_tiny, write_tiny
+from test_txt2img import config_dir, register_config_only  # noqa: F401 (config_dir is a fixture)
+from tinymodels import install_tiny, write_tiny
 
 FAST = ["--precision", "fp32", "--device", "cpu"]
 

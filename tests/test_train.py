@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import REFERENCE
+from conftest import REFERENCE
 
 FIXTURES = Path(__file__).parent / "fixtures" / "train"
 TINY_KL = FIXTURES / "tiny-kl.yaml"

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from ldmcli.output import read_metadata
-from tests.tinymodels import install_bert_vocab, install_tiny, write_tiny
+from tinymodels import install_bert_vocab, install_tiny, write_tiny
 
 FAST = ["--H", "32", "--W", "32", "--ddim_steps", "3", "--precision", "fp32", "--device", "cpu"]
 
@@ -32,7 +32,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def config_dir(tmp_path_factory):
     """Tiny configs only (no weights) for the tests that must fail before any loading."""
-    from tests.tinymodels import CONFIGS
+    from tinymodels import CONFIGS
 
     folder = tmp_path_factory.mktemp("configs")
     for family in ("txt2img", "cin", "uncond"):

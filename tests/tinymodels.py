@@ -2,7 +2,7 @@
 
 Usage::
 
-    from tests.tinymodels import FAMILIES, write_tiny, install_tiny
+    from tinymodels import FAMILIES, write_tiny, install_tiny
 
     files = write_tiny("txt2img", tmp_path)           # config.yaml (upstream form) + model.ckpt [+ .safetensors]
     model = load_model(files.config, ckpt=files.ckpt)
