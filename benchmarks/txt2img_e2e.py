@@ -134,6 +134,7 @@ def worker(args) -> dict:
     times["total"] = time.perf_counter() - start
     torch.save(img.cpu(), Path(args.ckpt).with_name(f"image_{variant}.pt"))
     out = {"variant": variant, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
+           "threads": torch.get_num_threads(),
            "batch": args.batch, "seconds": times, "peak_rss_gb": peak_rss_gb(),
            "steps": args.fast_steps if fast else args.plain_steps,
            "sampler": "dpmpp_2m" if fast else "ddim"}
@@ -159,6 +160,9 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=None, help="tiled decode (latent tile side) in the fast path")
     ap.add_argument("--compile", action="store_true", help="torch.compile the UNet in the fast path")
     ap.add_argument("--quick", action="store_true", help="a tiny model of the same layout: a smoke run")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="intra-op threads (default: torch's, one per core); on a shared machine, 1 avoids waiting "
+                         "on a descheduled second thread at every operation")
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
@@ -166,6 +170,8 @@ def main() -> None:
     if args.quick and not args.worker:  # small enough to finish in seconds even on a busy machine
         args.size, args.fast_steps, args.plain_steps = min(args.size, 64), min(args.fast_steps, 4), min(args.plain_steps, 10)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     workdir = Path(args.workdir) / ("quick" if args.quick else "full")
     workdir.mkdir(parents=True, exist_ok=True)
     _setup_home(workdir, Path(args.vocab))
@@ -185,6 +191,7 @@ def main() -> None:
         cmd += ["--compile"] if args.compile else []
         cmd += ["--device", args.device] if args.device else []
         cmd += ["--tile", str(args.tile)] if args.tile else []
+        cmd += ["--threads", str(args.threads)] if args.threads else []
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:

@@ -2,8 +2,8 @@
 
 Not a test. Measures, in one process, alternating the contenders round by round (median of ``--repeats``):
 
-* ldm's ``UNetModel`` (the fast path: channels_last on CPUs, SDPA, inference_mode; ``--other-layout`` adds the
-  other memory format) against
+* ldm's ``UNetModel`` (the fast path: channels_last and convolution weights packed once on CPUs, SDPA,
+  inference_mode; ``--other-layout`` adds the other memory format, ``--no-pack`` drops the packing) against
   diffusers' ``UNet2DConditionModel`` of the same architecture holding the same weights (converted with
   ``diffusers.loaders.single_file_utils.convert_ldm_unet_checkpoint``; 872,300,484 parameters asserted on both);
 * in float32, and in bf16 (ldm with bf16 weights; diffusers with bf16 autocast over float32 weights, and with bf16
@@ -114,11 +114,17 @@ def main() -> None:
     ap.add_argument("--compile-dtypes", default=None, help="compile only for these dtypes (default: all)")
     ap.add_argument("--layout", choices=("auto", "channels_last", "contiguous"), default="auto",
                     help="ldm's memory format (auto: the fast path's, channels_last on CPUs, contiguous on GPUs)")
+    ap.add_argument("--no-pack", action="store_true", help="ldm without packed convolution weights (CPU)")
     ap.add_argument("--other-layout", action="store_true", help="also time ldm in the other memory format")
     ap.add_argument("--quick", action="store_true", help="a 5x narrower architecture at 128x128: a smoke run")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="intra-op threads (default: torch's, one per core); on a shared machine, 1 avoids waiting "
+                         "on a descheduled second thread at every operation")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     args = ap.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     dtypes = args.dtypes.split(",") if args.dtypes else (["fp32", "fp16", "bf16"] if device.type == "cuda"
                                                          else ["fp32", "bf16"])
@@ -164,6 +170,7 @@ def main() -> None:
         peak = matmul_peak(device, dtype)
         log(f"\n== {name}: measured matmul peak {peak:.0f} GFLOP/s")
         xd, ctxd = x.to(dtype), ctx.to(dtype)
+        pack = device.type == "cpu" and not args.no_pack
         cl = fastpath.default_channels_last(device) if args.layout == "auto" else args.layout == "channels_last"
         xcl = fastpath.to_memory_format(xd, cl)  # the fast path's layout: channels_last on CPUs, contiguous on GPUs
         other = "contiguous" if cl else "channels_last"
@@ -179,6 +186,8 @@ def main() -> None:
             fns["ldm"] = lambda: ours(xcl, t, context=ctxd)
             if args.other_layout:
                 ours_other = _cast_copy(ours32, u, dtype, device, channels_last=not cl)
+                if device.type == "cpu" and not args.no_pack:
+                    fastpath.pack_convolutions(ours_other)
                 x_other = fastpath.to_memory_format(xd, not cl)
                 fns[f"ldm_{other}"] = lambda: ours_other(x_other, t, context=ctxd)
                 extra.append(ours_other)
@@ -190,6 +199,8 @@ def main() -> None:
             fns["diffusers_autocast"] = autocast_fn
             fns["diffusers_weights"] = lambda: theirs(xd, t, encoder_hidden_states=ctxd).sample
             extra.append(theirs)
+        if pack:
+            fastpath.pack_convolutions(ours)  # the fast path on CPUs: convolution weights reordered once
         with torch.inference_mode():
             out = fns["ldm"]().float()
             drift = rel_l2(out, ref)
@@ -216,6 +227,7 @@ def main() -> None:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=2, default=str)
         if dtype == torch.float32:
+            fastpath.unpack_convolutions(ours32)
             ours32.to(memory_format=torch.contiguous_format)
         del ours, fns, extra
     results["runs"] = runs
@@ -250,6 +262,7 @@ def _cast_diffusers(theirs32, dtype: torch.dtype):
 
 
 def _time_compiled(ours, xcl, t, ctx, device, repeats, log) -> dict:
+    fastpath.unpack_convolutions(ours)  # inductor's freezing packs the weights itself
     fastpath.compile_module(ours)
     t0 = time.perf_counter()
     ours(xcl, t, context=ctx)

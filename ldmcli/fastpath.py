@@ -11,6 +11,9 @@ changing what is computed.
   GroupNorm of the UNet still normalises in float32 as upstream, the sampler state and the schedules stay float32
   (:func:`ldmcli.sampling.model_denoiser` casts at the network's boundary). The conditioner (BERT/CLIP) runs once per
   distinct prompt and stays float32 by default: its cost is negligible and its output feeds every step.
+* **Convolution weights packed once** (CPU): eager PyTorch reorders each convolution's weight into oneDNN's layout
+  on every call, which costs more than the arithmetic at the UNet's low resolutions; :class:`PackedConv2d` keeps the
+  reordered copy (what inductor's freezing does, without compiling).
 * **No autograd.** ``torch.inference_mode`` (:func:`inference_context`); gradient-checkpoint wrappers are only taken
   while training, so ``eval()`` removes them.
 * **Optional ``torch.compile``** of the UNet with frozen weights (inductor ``freezing``), the compile cache kept in
@@ -84,6 +87,83 @@ def network_dtype(module: nn.Module | None, default: torch.dtype = torch.float32
     return default
 
 
+# ------------------------------------------------------------------------------------------ packed convolutions
+
+
+def mkldnn_available() -> bool:
+    """True when this torch build has oneDNN (mkldnn) for CPU convolutions."""
+    return bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+
+
+class PackedConv2d(nn.Conv2d):
+    """``nn.Conv2d`` that, at CPU inference, runs oneDNN on a weight reordered once into oneDNN's blocked layout.
+
+    Eager PyTorch reorders every convolution's weight on every call; for the UNet's low-resolution levels (a
+    1280x2560x3x3 kernel over 4x4 pixels) that costs more than the arithmetic. Packing once is what inductor's
+    ``freezing`` does; here it happens in eager mode. Same oneDNN kernel, same result (bit-identical in the tests).
+    Parameters and state_dict are untouched (the packed copy is a cache, rebuilt when the weight changes); training,
+    other devices and dtypes, and non-zero padding modes take the ordinary path.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self._packed(x)
+        if packed is None:
+            return super().forward(x)
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, packed, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups, "none", [],
+            "",
+        )
+
+    def _packed(self, x: torch.Tensor) -> torch.Tensor | None:
+        w = self.weight
+        if (
+            x.device.type != "cpu" or x.dim() != 4 or x.dtype != w.dtype or w.dtype not in (torch.float32, torch.bfloat16)
+            or self.padding_mode != "zeros" or isinstance(self.padding, str)
+            or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
+        ):
+            return None
+        key = (w.data_ptr(), w.dtype, tuple(w.shape))
+        cache = self.__dict__.get("_ldm_packed")
+        if cache is None or cache[0] != key:
+            packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                w.detach().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
+                list(x.shape),
+            )
+            cache = (key, packed)
+            self.__dict__["_ldm_packed"] = cache
+        return cache[1]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state = dict(state)
+        state.pop("_ldm_packed", None)  # an opaque oneDNN tensor: rebuilt on the next call
+        return state
+
+
+def pack_convolutions(module: nn.Module) -> int:
+    """Make every plain ``nn.Conv2d`` in ``module`` a :class:`PackedConv2d` (in place); returns how many.
+
+    The class is swapped on the existing objects, so names, parameters and state_dict keys stay as they are. Each
+    convolution then holds its weight twice (the parameter and the packed copy) once it has run.
+    """
+    if not mkldnn_available():
+        return 0
+    count = 0
+    for m in module.modules():
+        if type(m) is nn.Conv2d:
+            m.__class__ = PackedConv2d
+            count += 1
+    return count
+
+
+def unpack_convolutions(module: nn.Module) -> None:
+    """Undo :func:`pack_convolutions` (plain ``nn.Conv2d`` again, packed copies dropped)."""
+    for m in module.modules():
+        if type(m) is PackedConv2d:
+            m.__dict__.pop("_ldm_packed", None)
+            m.__class__ = nn.Conv2d
+
+
 # ------------------------------------------------------------------------------------------------- compile cache
 
 
@@ -153,6 +233,7 @@ def prepare_for_inference(
     device: str | torch.device | None = None,
     channels_last: bool | None = None,
     conditioner_dtype: torch.dtype | None = torch.float32,
+    pack: bool | None = None,
     compile: bool = False,
     compile_mode: str | None = None,
     callback: Callback | None = None,
@@ -163,7 +244,8 @@ def prepare_for_inference(
     ``dtype``): the conditioner's, float32 by default (it runs once per prompt; a conditioner that *is* the first stage
     follows the first stage). The LDM's schedule buffers stay float32. ``channels_last`` (None: True on the CPU,
     False on GPUs, :func:`default_channels_last`) puts every convolution weight in that layout (feed inputs with
-    :func:`to_memory_format`, or :func:`fast_layout`, which reads the choice back from the model). ``compile`` compiles the UNet with frozen
+    :func:`to_memory_format`, or :func:`fast_layout`, which reads the choice back from the model). ``pack`` (None:
+    on the CPU unless compiling) makes the convolutions of the UNet and the first stage :class:`PackedConv2d`. ``compile`` compiles the UNet with frozen
     weights (see :func:`compile_module`); the first call then takes minutes on a CPU, later runs reuse the cache.
     Gradients are switched off and the model is put in eval mode (no checkpoint wrappers).
     """
@@ -175,8 +257,8 @@ def prepare_for_inference(
     model.eval()
     model.requires_grad_(False)
     target = torch.device(device) if device is not None else None
+    where = target if target is not None else next((p.device for p in wrapper.parameters()), torch.device("cpu"))
     if channels_last is None:
-        where = target if target is not None else next((p.device for p in wrapper.parameters()), None)
         channels_last = default_channels_last(where)
     fmt = _memory_format(channels_last)
 
@@ -193,12 +275,18 @@ def prepare_for_inference(
         cond.to(device=target, dtype=conditioner_dtype if conditioner_dtype is not None else dtype)
     if target is not None:
         model.to(target)  # schedule buffers; LatentDiffusion keeps them float32
+    if pack is None:
+        pack = where.type == "cpu" and not compile
+    packed = 0
+    if pack:
+        packed = sum(pack_convolutions(net) for net in networks)
     if compile:
         unet = getattr(wrapper, "diffusion_model", wrapper)
         if callback:
             callback(f"compiling the UNet (cache: {compile_cache_dir()}); the first step takes a while")
         compile_module(unet, mode=compile_mode, freeze=compile_mode is None)
-    model.fast_path = {"dtype": network_dtype(wrapper), "channels_last": channels_last, "compiled": compile}
+    model.fast_path = {"dtype": network_dtype(wrapper), "channels_last": channels_last, "compiled": compile,
+                       "packed_convolutions": packed}
     return model
 
 

@@ -56,7 +56,8 @@ def test_prepare_casts_networks_keeps_schedule_and_conditioner_float32(tiny_txt2
     assert not fastpath.is_channels_last(contiguous.model) and contiguous.fast_path["channels_last"] is False
     assert not fastpath.is_channels_last(tiny_txt2img.model)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
-    assert model.fast_path == {"dtype": torch.bfloat16, "channels_last": True, "compiled": False}
+    assert model.fast_path["dtype"] == torch.bfloat16 and model.fast_path["channels_last"] is True
+    assert model.fast_path["compiled"] is False
     # asked for: the conditioner in the networks' dtype too
     model = fastpath.prepare_for_inference(copy.deepcopy(tiny_txt2img), dtype=torch.bfloat16, conditioner_dtype=None)
     assert fastpath.network_dtype(model.cond_stage_model) == torch.bfloat16
@@ -250,3 +251,52 @@ def test_compiled_unet_matches_eager(tiny_txt2img, data_home, monkeypatch):
     assert rel(got, want) < 1e-4
     assert any((data_home / "cache" / "torch_compile").iterdir())
     assert set(fast.state_dict()) == set(plain.state_dict())  # compiled in place: keys unchanged
+
+
+needs_mkldnn = pytest.mark.skipif(not fastpath.mkldnn_available(), reason="this torch build has no oneDNN")
+
+
+@needs_mkldnn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cin,cout,k,stride,padding,bias", [(8, 16, 3, 1, 1, True), (16, 8, 1, 1, 0, True),
+                                                             (8, 8, 3, 2, 0, True), (8, 24, 3, 1, 1, False)])
+def test_packed_convolution_equals_eager(dtype, cin, cout, k, stride, padding, bias):
+    """PackedConv2d: same oneDNN kernel with the weight reordered once. Equal to eager within float rounding
+    (relative 1e-6 in float32, 1e-2 in bf16 where 1x1 eager convolutions may take another kernel), for inputs of
+    another size than the one it was packed for, channels_last or contiguous, and with gradients on (eager path)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(cin, cout, k, stride=stride, padding=padding, bias=bias).to(dtype)
+    plain = copy.deepcopy(conv)
+    assert fastpath.pack_convolutions(conv) == 1 and type(conv) is fastpath.PackedConv2d
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    with torch.inference_mode():
+        for shape, cl in (((2, cin, 12, 12), True), ((1, cin, 7, 9), False), ((3, cin, 12, 12), True)):
+            x = fastpath.to_memory_format(torch.randn(shape).to(dtype), cl)
+            assert rel(conv(x).float(), plain(x).float()) < tol
+    assert "_ldm_packed" in conv.__dict__
+    assert set(conv.state_dict()) == set(plain.state_dict())
+    copied = copy.deepcopy(conv)  # the opaque packed copy is dropped, not copied
+    assert "_ldm_packed" not in copied.__dict__
+    # training with gradients takes the ordinary path, and gradients flow
+    conv.weight.requires_grad_(True)
+    x = torch.randn(1, cin, 6, 6, dtype=dtype, requires_grad=True)
+    conv(x).float().sum().backward()
+    assert conv.weight.grad is not None and x.grad is not None
+    fastpath.unpack_convolutions(conv)
+    assert type(conv) is torch.nn.Conv2d and "_ldm_packed" not in conv.__dict__
+
+
+@needs_mkldnn
+def test_prepare_packs_on_cpu_and_the_weights_follow_a_cast(tiny_txt2img):
+    model = fastpath.prepare_for_inference(copy.deepcopy(tiny_txt2img), dtype=torch.float32)
+    n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in [*model.model.modules(), *model.first_stage_model.modules()])
+    assert model.fast_path["packed_convolutions"] == n_convs > 0
+    assert set(model.state_dict()) == set(tiny_txt2img.state_dict())
+    x, t = _inputs(model, "cpu")
+    c = torch.randn(2, 77, 64)
+    with fastpath.inference_context():
+        before = model.apply_model(fastpath.fast_layout(model, x), t, c)
+        model.model.to(torch.bfloat16)  # a later cast repacks instead of using stale weights
+        after = model.apply_model(fastpath.fast_layout(model, x.bfloat16()), t, c.bfloat16())
+    assert rel(after.float(), before) < 3e-2
+    assert fastpath.prepare_for_inference(copy.deepcopy(tiny_txt2img), pack=False).fast_path["packed_convolutions"] == 0
