@@ -15,6 +15,7 @@ from ldmcli.models.ddpm import LatentDiffusion
 from ldmcli.models.ema import LitEma
 from ldmcli.models.schedule import SCHEDULE_BUFFERS, make_beta_schedule, schedule_buffers
 from ldmcli.models.unet import UNetModel
+from tinymodels import normal_params
 
 DDCONFIG = dict(
     double_z=True,
@@ -30,23 +31,6 @@ DDCONFIG = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine OpenMP's spinning slows them down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return module
-
-
 def unet(in_channels: int = 4, **kw) -> UNetModel:
     params = dict(
         image_size=8,
@@ -59,11 +43,11 @@ def unet(in_channels: int = 4, **kw) -> UNetModel:
         num_heads=2,
     )
     params.update(kw)
-    return randomize(UNetModel(**params), seed=1)
+    return normal_params(UNetModel(**params), seed=1)
 
 
 def kl_first_stage() -> AutoencoderKL:
-    return randomize(AutoencoderKL(DDCONFIG, embed_dim=4), seed=2)
+    return normal_params(AutoencoderKL(DDCONFIG, embed_dim=4), seed=2)
 
 
 def ldm(cond_stage=None, unet_kw=None, **kw) -> LatentDiffusion:
@@ -298,7 +282,7 @@ def test_first_stage_frozen_and_scale_factor():
 
 
 def test_vq_interface_decode_quantizes_and_is_first_stage_conditioner():
-    vq = randomize(VQModelInterface(DDCONFIG | {"double_z": False}, n_embed=16, embed_dim=4), seed=4)
+    vq = normal_params(VQModelInterface(DDCONFIG | {"double_z": False}, n_embed=16, embed_dim=4), seed=4)
     m = LatentDiffusion(unet(in_channels=7), vq, "__is_first_stage__", timesteps=10, use_ema=False,
                         conditioning_key="concat")
     assert m.cond_stage_model is m.first_stage_model

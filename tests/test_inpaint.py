@@ -50,16 +50,6 @@ def _read(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spinning makes each
-    UNet call of the tiny model 20-50 times slower; restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     from ldmcli.loading import load_model

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from ldmcli.output import read_metadata
@@ -16,14 +15,6 @@ from test_txt2img import config_dir, register_config_only  # noqa: F401 (config_
 from tinymodels import install_tiny, write_tiny
 
 FAST = ["--precision", "fp32", "--device", "cpu"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _records(stdout: str) -> list[dict]:

@@ -29,15 +29,6 @@ SCHEDULE = DiscreteSchedule.from_betas(make_beta_schedule("linear", 1000, 0.0015
 MU, STD = 0.5, 0.3  # the data distribution N(MU, STD^2), per dimension
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls: one thread is faster than fighting over two busy cores, and the result is reproducible."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def gaussian_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The exact E[eps | x_t] for data ~ N(MU, STD^2): x_t ~ N(sqrt(a) MU, a STD^2 + 1 - a)."""
     a = SCHEDULE.alphas_cumprod.double()[t].reshape(-1, *([1] * (x.ndim - 1)))
@@ -141,7 +132,7 @@ def _chain_law(steps: list[tuple[int, float, float]]) -> tuple[float, float]:
     return mean, math.sqrt(var)
 
 
-def test_ddpm_and_stochastic_ddim_sample_the_data_distribution(one_thread):
+def test_ddpm_and_stochastic_ddim_sample_the_data_distribution():
     """Means and stds match the exact law of each discrete chain (which shrinks the variance slightly: 0.291 for
     DDPM where the data has 0.3) to sampling error (std of the
     estimates about 0.0015 and 0.0008)."""
@@ -307,7 +298,7 @@ class _TinyEpsNet(torch.nn.Module):
         return self.net(torch.cat([x, torch.cos(angles), torch.sin(angles)], dim=1))
 
 
-def test_dpmpp_20_steps_beats_ddim_50_against_a_1000_step_ddim_solution(one_thread, capsys):
+def test_dpmpp_20_steps_beats_ddim_50_against_a_1000_step_ddim_solution(capsys):
     """Acceptance (issue 4): on a small model trained here (eps-prediction, the LDM linear schedule, a mixture of three
     2-d Gaussians), DPM-Solver++(2M) with 20 steps lands closer to the 1000-step DDIM (eta 0) solution than DDIM with
     50 steps does. All three solve the same ODE, from t = 999 to the level of t = 0 (so DDIM-50 here uses 50 evenly

@@ -23,16 +23,6 @@ TINY_VQ = FIXTURES / "tiny-vq.yaml"
 TINY_TXT = FIXTURES / "tiny-txt.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine OpenMP's spinning slows them down.
-    The subprocesses get OMP_NUM_THREADS=1 too, so resumed and uninterrupted runs add up in the same order."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def images(tmp_path) -> Path:
     """3 classes (sub-folders) of 8 small coloured noise images, plus one unreadable file."""

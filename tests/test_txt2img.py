@@ -11,22 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from ldmcli.output import read_metadata
 from tinymodels import install_bert_vocab, install_tiny, write_tiny
 
 FAST = ["--H", "32", "--W", "32", "--ddim_steps", "3", "--precision", "fp32", "--device", "cpu"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions: two threads on a shared 2-core machine are many times slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

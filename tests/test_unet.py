@@ -25,15 +25,7 @@ from ldmcli.models.unet import (
     UNetModel,
     timestep_embedding,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine OpenMP's spinning slows them down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tinymodels import normal_params
 
 
 def explicit_sdpa(q, k, v, attn_mask=None, scale=None, **_):
@@ -43,15 +35,6 @@ def explicit_sdpa(q, k, v, attn_mask=None, scale=None, **_):
     if attn_mask is not None:
         sim = sim.masked_fill(~attn_mask, -torch.finfo(sim.dtype).max)
     return torch.einsum("bhij,bhjd->bhid", sim.softmax(dim=-1), v)
-
-
-def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every parameter random values (zero-initialised output layers would hide bugs)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return module
 
 
 def tiny(**overrides) -> UNetModel:
@@ -67,7 +50,7 @@ def tiny(**overrides) -> UNetModel:
     )
     kw.update(overrides)
     torch.manual_seed(0)
-    return randomize(UNetModel(**kw)).eval()
+    return normal_params(UNetModel(**kw)).eval()
 
 
 KINDS = {
@@ -143,7 +126,7 @@ def test_timestep_embedding_is_cos_then_sin():
 
 
 def test_groupnorm32_computes_in_float32_and_casts_back():
-    gn = randomize(GroupNorm32(32, 64))
+    gn = normal_params(GroupNorm32(32, 64))
     x = torch.randn(2, 64, 4, 4).to(torch.bfloat16)
     out = gn.to(torch.bfloat16)(x)
     assert out.dtype == torch.bfloat16
@@ -182,7 +165,7 @@ def test_qkv_attention_matches_upstream_formulas():
 
 def test_cross_attention_sdpa_equals_explicit_softmax():
     torch.manual_seed(0)
-    attn = randomize(CrossAttention(query_dim=32, context_dim=20, heads=4, dim_head=8)).eval()
+    attn = normal_params(CrossAttention(query_dim=32, context_dim=20, heads=4, dim_head=8)).eval()
     x, ctx = torch.randn(2, 16, 32), torch.randn(2, 5, 20)
     q = rearrange(attn.to_q(x), "b n (h d) -> b h n d", h=4)
     k = rearrange(attn.to_k(ctx), "b m (h d) -> b h m d", h=4)
@@ -190,7 +173,7 @@ def test_cross_attention_sdpa_equals_explicit_softmax():
     ref = attn.to_out(rearrange(explicit_sdpa(q, k, v, scale=8**-0.5), "b h n d -> b n (h d)"))
     torch.testing.assert_close(attn(x, ctx), ref, rtol=1e-5, atol=1e-5)
     # self-attention when no context; key padding mask
-    self_attn = randomize(CrossAttention(query_dim=32, heads=2, dim_head=16))
+    self_attn = normal_params(CrossAttention(query_dim=32, heads=2, dim_head=16))
     assert self_attn(x).shape == x.shape
     mask = torch.tensor([[True] * 3 + [False] * 2, [True] * 5])
     masked = attn(x, ctx, mask=mask)
@@ -213,7 +196,7 @@ def test_whole_unet_equals_explicit_attention(monkeypatch):
 
 
 def test_spatial_transformer_keeps_memory_format_and_values():
-    st = randomize(SpatialTransformer(32, n_heads=2, d_head=16, context_dim=12)).eval()
+    st = normal_params(SpatialTransformer(32, n_heads=2, d_head=16, context_dim=12)).eval()
     x, ctx = torch.randn(2, 32, 4, 6), torch.randn(2, 3, 12)
     with torch.no_grad():
         out = st(x, ctx)
@@ -267,7 +250,7 @@ def test_checkpointing_only_while_training(monkeypatch):
 
 
 def test_resblock_scale_shift_formula():
-    rb = randomize(ResBlock(32, 16, 0.0, out_channels=64, use_scale_shift_norm=True)).eval()
+    rb = normal_params(ResBlock(32, 16, 0.0, out_channels=64, use_scale_shift_norm=True)).eval()
     x, emb = torch.randn(2, 32, 4, 4), torch.randn(2, 16)
     h = rb.in_layers(x)
     scale, shift = rb.emb_layers(emb)[:, :, None, None].chunk(2, dim=1)

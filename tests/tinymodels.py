@@ -191,6 +191,16 @@ class TinyFiles:
     global_step: int
 
 
+def normal_params(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter of a single block drawn from N(0, 0.2^2) in place (zero-initialised output layers would hide
+    bugs); :func:`randomize` is the whole-model version that keeps norms and EMA shadows plausible."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return module
+
+
 @torch.no_grad()
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give every floating parameter seeded random values (zero-init layers included), in place or, for parameters
