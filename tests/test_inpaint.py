@@ -19,7 +19,7 @@ from PIL import Image
 from ldmcli import inpaint as ip
 from ldmcli.errors import UsageError
 from ldmcli.examples import EXAMPLES, draw_mask, example_pairs, write_examples
-from tinymodels import install_tiny
+from tinymodels import install_tiny, write_tiny
 
 TINY = "tiny-inpaint"
 
@@ -53,7 +53,6 @@ def _read(path: Path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     from ldmcli.loading import load_model
-    from tinymodels import write_tiny
 
     files = write_tiny("inpaint", tmp_path_factory.mktemp("tiny_inpaint"))
     return load_model(str(files.config), ckpt=files.ckpt)
@@ -252,7 +251,6 @@ def test_interrupted_batch_keeps_finished_outputs(tiny_model, tmp_path):
 
 def test_rejects_a_model_that_does_not_inpaint(monkeypatch, tmp_path):
     from ldmcli.loading import load_model
-    from tinymodels import write_tiny
 
     files = write_tiny("sr", tmp_path)
     with pytest.raises(UsageError, match="not an inpainting model"):

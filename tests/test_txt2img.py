@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from ldmcli.output import read_metadata
-from tinymodels import install_bert_vocab, install_tiny, write_tiny
+from tinymodels import CONFIGS, install_bert_vocab, install_tiny, write_tiny
 
 FAST = ["--H", "32", "--W", "32", "--ddim_steps", "3", "--precision", "fp32", "--device", "cpu"]
 
@@ -22,8 +22,6 @@ FAST = ["--H", "32", "--W", "32", "--ddim_steps", "3", "--precision", "fp32", "-
 @pytest.fixture(scope="module")
 def config_dir(tmp_path_factory):
     """Tiny configs only (no weights) for the tests that must fail before any loading."""
-    from tinymodels import CONFIGS
-
     folder = tmp_path_factory.mktemp("configs")
     for family in ("txt2img", "cin", "uncond"):
         (folder / f"{family}.yaml").write_text(CONFIGS[family], encoding="utf-8")
