@@ -20,6 +20,7 @@ import yaml
 from ldmcli import checkpoint as ckpt_io
 from ldmcli import config as model_config
 from ldmcli.errors import LdmError, UsageError
+from ldmcli.fileio import atomic_write_text
 from ldmcli.loading import META_CONFIG, load_model
 
 WEIGHTS = "model.safetensors"
@@ -53,9 +54,7 @@ def package_model(source: str | os.PathLike, dest: str | os.PathLike) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     weights = ckpt_io.save_safetensors(out / WEIGHTS, state, metadata={META_CONFIG: json.dumps(doc, sort_keys=True)},
                                        global_step=model.global_step)
-    tmp = out / f".{CONFIG}.partial"
-    tmp.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
-    os.replace(tmp, out / CONFIG)
+    atomic_write_text(out / CONFIG, yaml.safe_dump(doc, sort_keys=False))
     return weights
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import sys
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from einops import rearrange, reduce
 from PIL import Image
 
 from ldmcli.errors import LdmError, UsageError
+from ldmcli.fileio import atomic_path
 
 SIZE = 32
 NATIVE = 8
@@ -88,13 +88,8 @@ def export_digits(out: str | os.PathLike, *, size: int = SIZE,
         (root / str(int(label))).mkdir(parents=True, exist_ok=True)
     total = len(big)
     for k, (img, label) in enumerate(zip(big, labels)):
-        final = root / str(int(label)) / f"{k:04d}.png"
-        tmp = final.with_name(f".{final.stem}.{uuid.uuid4().hex}.partial.png")
-        try:
+        with atomic_path(root / str(int(label)) / f"{k:04d}.png", fsync=False) as tmp:
             Image.fromarray(img, mode="L").save(tmp, format="PNG")
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
         if callback is not None:
             callback(k + 1, total)
     return total
