@@ -316,3 +316,28 @@ def test_prepare_packs_on_cpu_and_the_weights_follow_a_cast(tiny_txt2img):
         after = model.apply_model(fastpath.fast_layout(model, x.bfloat16()), t, c.bfloat16())
     assert rel(after.float(), before) < 3e-2
     assert fastpath.prepare_for_inference(copy.deepcopy(tiny_txt2img), pack=False).fast_path["packed_convolutions"] == 0
+
+
+def _png_pixels(path) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return torch.from_numpy(__import__("numpy").asarray(image.convert("RGB")).copy())
+
+
+def test_txt2img_tile_decode_option(cli, tmp_path, monkeypatch):
+    """--tile-decode: one tile (small images) is the plain decode bit for bit; a 320x320 image (an 80x80 latent of the
+    tiny f4 model, 4 tiles of 64) comes out whole. --compile is offered."""
+    from tests.tinymodels import install_tiny
+
+    install_tiny("txt2img", monkeypatch)
+    common = ("a red cube", "--model", "tiny-txt2img", "--n_samples", "1", "--seed", "3", "--steps", "1",
+              "--skip-grid", "--precision", "fp32")
+    for flag, out in (((), tmp_path / "plain"), (("--tile-decode",), tmp_path / "tiled")):
+        r = cli("txt2img", *common, *flag, "--outdir", out)
+        assert r.exit_code == 0, r
+    assert torch.equal(_png_pixels(tmp_path / "plain/samples/00000.png"), _png_pixels(tmp_path / "tiled/samples/00000.png"))
+    r = cli("txt2img", *common, "--H", "320", "--W", "320", "--tile-decode", "--outdir", tmp_path / "big")
+    assert r.exit_code == 0, r
+    assert _png_pixels(tmp_path / "big/samples/00000.png").shape == (320, 320, 3)
+    assert "--compile" in cli("txt2img", "--help").stdout and "--tile-decode" in cli("sample", "--help").stdout

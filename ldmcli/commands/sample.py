@@ -48,6 +48,10 @@ def sample_command(
     skip_grid: opts.SkipGridOption = False,
     device: opts.DeviceOption = None,
     precision: str = typer.Option("auto", "--precision", help="fp32, bf16, fp16 or auto."),
+    compile_unet: bool = typer.Option(False, "--compile", help="torch.compile the UNet with frozen weights: minutes "
+                                      "on the first run, then cached in the data dir."),
+    tile_decode: bool = typer.Option(False, "--tile-decode", help="Decode in overlapping tiles (512x512 pixels for "
+                                     "f8 models) for images too big to decode at once; seams are blended."),
     as_json: opts.JsonOption = False,
     quiet: opts.QuietOption = False,
 ) -> None:
@@ -57,6 +61,7 @@ def sample_command(
     """
     from ldmcli import generate as gen
     from ldmcli.devices import pick_device, resolve_precision
+    from ldmcli.fastpath import DEFAULT_TILE
 
     if model is not None and resume is not None:
         raise UsageError("give MODEL or -r/--resume, not both")
@@ -79,7 +84,7 @@ def sample_command(
     with gen.distributed(dev) as env:
         prefix = f"[rank {env.rank}] " if env.world_size > 1 else ""
         with RunDisplay(as_json=as_json, quiet=quiet, rank_prefix=prefix) as display:
-            net = load_for_sampling(source, gen.rank_device(dev, env), dtype, display)
+            net = load_for_sampling(source, gen.rank_device(dev, env), dtype, display, compile=compile_unet)
             cfg = net.ldm_config
             null = _check_sample_model(cfg, source.name, classes, scale, null_class)
             settings.validate(net.num_timesteps)
@@ -105,7 +110,7 @@ def sample_command(
             run_generation(display, outdir, run_seed, lambda: gen.generate(
                 net, jobs, conditioner=conditioner, shape=shape, settings=settings, writer=gen.ImageWriter(outdir),
                 metadata=metadata, grid_metadata=grid_meta, grid_per_row=None if skip_grid else per_row,
-                device=net_device(net), callback=display.event))
+                device=net_device(net), decode_tile=DEFAULT_TILE if tile_decode else None, callback=display.event))
 
 
 def _check_sample_model(cfg: Any, name: str, classes: list[int], scale: float, null_class: Optional[int]) -> Any:

@@ -180,6 +180,10 @@ def txt2img_command(
     device: opts.DeviceOption = None,
     precision: str = typer.Option("auto", "--precision", help="fp32, bf16, fp16 or auto (bf16 where the hardware "
                                   "has it natively)."),
+    compile_unet: bool = typer.Option(False, "--compile", help="torch.compile the UNet with frozen weights: minutes "
+                                      "on the first run, then cached in the data dir."),
+    tile_decode: bool = typer.Option(False, "--tile-decode", help="Decode in overlapping tiles (512x512 pixels for "
+                                     "f8 models) for images too big to decode at once; seams are blended."),
     as_json: opts.JsonOption = False,
     quiet: opts.QuietOption = False,
 ) -> None:
@@ -190,6 +194,7 @@ def txt2img_command(
     """
     from ldmcli import generate as gen
     from ldmcli.devices import pick_device, resolve_precision
+    from ldmcli.fastpath import DEFAULT_TILE
 
     # ---- everything cheap is checked before any model is loaded
     sources = (("PROMPT", prompt_arg), ("--prompt", prompt_opt), ("--from-file", from_file))
@@ -220,7 +225,7 @@ def txt2img_command(
     with gen.distributed(dev) as env:
         prefix = f"[rank {env.rank}] " if env.world_size > 1 else ""
         with RunDisplay(as_json=as_json, quiet=quiet, rank_prefix=prefix) as display:
-            net = load_for_sampling(source, gen.rank_device(dev, env), dtype, display)
+            net = load_for_sampling(source, gen.rank_device(dev, env), dtype, display, compile=compile_unet)
             cfg = net.ldm_config
             _check_text_model(cfg, source.name)
             shape = gen.check_image_size(cfg, height, width, source.name)
@@ -240,21 +245,21 @@ def txt2img_command(
                 net, jobs, conditioner=gen.TextConditioner(net, scale), shape=shape, settings=settings,
                 writer=writer, metadata=metadata, grid_metadata=grid_meta,
                 grid_per_row=None if skip_grid else (n_rows or n_samples), device=net_device(net),
-                callback=display.event))
+                decode_tile=DEFAULT_TILE if tile_decode else None, callback=display.event))
 
 
 def net_device(net: Any) -> Any:
     return next(net.parameters()).device
 
 
-def load_for_sampling(source: Any, device: Any, dtype: Any, display: RunDisplay) -> Any:
-    """``load_model`` on the CPU, then the inference fast path (``dtype``, channels_last) onto ``device``."""
+def load_for_sampling(source: Any, device: Any, dtype: Any, display: RunDisplay, *, compile: bool = False) -> Any:
+    """``load_model`` on the CPU, then the inference fast path (``dtype``, channels_last; ``compile``) onto ``device``."""
     from ldmcli.fastpath import prepare_for_inference
     from ldmcli.loading import load_model
 
     display.message(f"loading {source.name}")
     net = load_model(source.target, ckpt=source.ckpt, callback=display.message, progress=display.download)
-    return prepare_for_inference(net, dtype=dtype, device=device, callback=display.message)
+    return prepare_for_inference(net, dtype=dtype, device=device, compile=compile, callback=display.message)
 
 
 def _check_text_model(cfg: Any, name: str) -> None:
