@@ -92,12 +92,16 @@ def worker(args) -> dict:
     device = pick_device(args.device)
     variant = args.worker
     times: dict[str, float] = {}
+    cpu: dict[str, float] = {}
     start = time.perf_counter()
+    cpu_start = cpu_last = time.process_time()
 
     def mark(name: str, since: float) -> float:
+        nonlocal cpu_last
         sync(device)
-        now = time.perf_counter()
-        times[name] = now - since
+        now, cpu_now = time.perf_counter(), time.process_time()
+        times[name], cpu[name] = now - since, cpu_now - cpu_last
+        cpu_last = cpu_now
         return now
 
     fast = variant in ("fast", "fast32")
@@ -132,10 +136,11 @@ def worker(args) -> dict:
         img = fastpath.decode_latents(model, z, tile=tile) if fast else model.decode_first_stage(z).float()
         t = mark("decode", t)
     times["total"] = time.perf_counter() - start
+    cpu["total"] = time.process_time() - cpu_start
     torch.save(img.cpu(), Path(args.ckpt).with_name(f"image_{variant}.pt"))
     out = {"variant": variant, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
            "threads": torch.get_num_threads(),
-           "batch": args.batch, "seconds": times, "peak_rss_gb": peak_rss_gb(),
+           "batch": args.batch, "seconds": times, "cpu_seconds": cpu, "peak_rss_gb": peak_rss_gb(),
            "steps": args.fast_steps if fast else args.plain_steps,
            "sampler": "dpmpp_2m" if fast else "ddim"}
     if device.type == "cuda":
@@ -203,11 +208,14 @@ def main() -> None:
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in s.items() if k != "total")
         extra = f", {r['images_per_s_sampling_decode']:.2f} images/s" if "images_per_s_sampling_decode" in r else ""
         print(f"{variant:7s} {r['dtype']:8s} {r['steps']} {r['sampler']} steps: total {s['total']:.1f}s ({stages}); "
-              f"peak RSS {r['peak_rss_gb']:.2f} GB{extra}", flush=True)
+              f"CPU time {r['cpu_seconds']['total']:.1f}s; peak RSS {r['peak_rss_gb']:.2f} GB{extra}", flush=True)
     if "fast" in results and "plain" in results:
         ratio = results["fast"]["seconds"]["total"] / results["plain"]["seconds"]["total"]
         results["fast_over_plain"] = ratio
-        print(f"ratio fast / plain end to end: {ratio:.3f} (target <= 0.25)")
+        cpu_ratio = results["fast"]["cpu_seconds"]["total"] / results["plain"]["cpu_seconds"]["total"]
+        results["fast_over_plain_cpu_time"] = cpu_ratio
+        print(f"ratio fast / plain end to end: {ratio:.3f} wall-clock, {cpu_ratio:.3f} in CPU time (target <= 0.25; "
+              f"with --threads 1 CPU time is the work done, unaffected by other processes on a shared machine)")
     if "fast" in results and "fast32" in results:
         a = torch.load(workdir / "image_fast.pt")
         b = torch.load(workdir / "image_fast32.pt")
