@@ -184,43 +184,52 @@ def class_histogram(model: Any, classifier: Any, n: int, **sampling: Any) -> np.
     return np.bincount(got, minlength=n_real)
 
 
-def sampler_errors(model: Any, n: int = 16, *, seed: int = 0, reference_steps: int = 1000,
-                   candidates: Sequence[tuple[str, int]] = (("dpmpp", 20), ("ddim", 50)),
+def sampler_errors(model: Any, n: int = 16, *, seed: int = 0, dpmpp_steps: int = 20, ddim_steps: int = 50,
                    callback: Callable[[str], None] | None = None) -> dict[str, float]:
-    """Relative L2 distance ``|z - z_ref| / |z_ref|`` of each candidate ``(sampler, steps)`` from the DDIM (eta 0)
-    solution with ``reference_steps`` steps, from the same ``x_T`` and classes (``n`` images, classes 0, 1, ...),
-    in latent space and after decoding (``"<sampler>-<steps>"`` and ``"<sampler>-<steps>/pixels"``)."""
+    """How closely DPM-Solver++(2M) with ``dpmpp_steps`` and DDIM (eta 0) with ``ddim_steps`` follow the DDIM
+    solution through every timestep ("1000-step DDIM"), from one fixed ``x_T`` (``n`` images of classes 0, 1, ...,
+    no guidance). Relative RMS distances in latent space:
+
+    * ``dpmpp``, ``ddim``: issue 4's measure (:func:`ldmcli.sampling.accuracy.solver_errors`: every solver spans
+      the same ODE, timestep N-1 to 0, DDIM on an evenly spaced grid);
+    * ``ddim-upstream`` and, after decoding, ``*/pixels``: DDIM on upstream's grid (what ``ldm sample`` runs; it starts
+      at timestep 1 + (N // S) * (S - 1), not N-1) against the same reference, and each result's decoded image.
+    """
     import torch
 
     from ldmcli.fastpath import decode_latents, inference_context
-    from ldmcli.generate import SamplerSettings, class_range, sample_latents
-    from ldmcli.sampling import DiscreteSchedule
+    from ldmcli.generate import class_range
+    from ldmcli.sampling import (DiscreteSchedule, ddim_timesteps, dpmpp_timesteps, model_denoiser, sample_ddim,
+                                 sample_dpmpp_2m)
+    from ldmcli.sampling.accuracy import solver_errors
 
     cfg = model.ldm_config
     n_real, _ = class_range(cfg)
     shape = (cfg.ldm.channels, cfg.ldm.image_size, cfg.ldm.image_size)
     key = getattr(model, "cond_stage_key", "class_label")
     schedule = DiscreteSchedule.from_model(model)
-    gen = torch.Generator("cpu").manual_seed(seed)
-    x_T = torch.randn((n, *shape), generator=gen)
-    labels = torch.arange(n) % n_real
-    results: dict[str, float] = {}
+    x_T = torch.randn((n, *shape), generator=torch.Generator("cpu").manual_seed(seed))
+    steps = schedule.num_timesteps
     with inference_context():
-        cond = model.get_learned_conditioning({key: labels})
-
-        def run(sampler: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-            if callback is not None:
-                callback(f"{sampler} {steps} steps")
-            z = sample_latents(model, x_T.clone(), cond, None, SamplerSettings(sampler, steps, 0.0, 1.0),
-                               schedule=schedule)
-            return z.double(), decode_latents(model, z).double()
-
-        z_ref, x_ref = run("ddim", reference_steps)
-        for sampler, steps in candidates:
-            z, x = run(sampler, steps)
-            results[f"{sampler}-{steps}"] = float((z - z_ref).norm() / z_ref.norm())
-            results[f"{sampler}-{steps}/pixels"] = float((x - x_ref).norm() / x_ref.norm())
-    return results
+        cond = model.get_learned_conditioning({key: torch.arange(n) % n_real})
+        eps = model_denoiser(model, cond, None, 1.0, schedule=schedule)
+        if callback is not None:
+            callback("issue 4's measure")
+        measure = solver_errors(eps, x_T, schedule, dpmpp_steps=dpmpp_steps, ddim_steps=ddim_steps)
+        out = {"dpmpp": measure["dpmpp"] / measure["reference_rms"], "ddim": measure["ddim"] / measure["reference_rms"]}
+        if callback is not None:
+            callback("upstream grid and pixels")
+        runs = {
+            "reference": sample_ddim(eps, x_T, schedule, np.arange(1, steps)),
+            "dpmpp": sample_dpmpp_2m(eps, x_T, schedule, dpmpp_timesteps(schedule, dpmpp_steps)),
+            "ddim-upstream": sample_ddim(eps, x_T, schedule, ddim_timesteps(ddim_steps, steps)),
+        }
+        pixels = {name: decode_latents(model, z).double() for name, z in runs.items()}
+    ref, ref_px = runs["reference"].double(), pixels["reference"]
+    out["ddim-upstream"] = float((runs["ddim-upstream"].double() - ref).norm() / ref.norm())
+    for name in ("dpmpp", "ddim-upstream"):
+        out[f"{name}/pixels"] = float((pixels[name] - ref_px).norm() / ref_px.norm())
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
