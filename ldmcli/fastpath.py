@@ -126,10 +126,13 @@ class PackedConv2d(nn.Conv2d):
         key = (w.data_ptr(), w.dtype, tuple(w.shape))
         cache = self.__dict__.get("_ldm_packed")
         if cache is None or cache[0] != key:
-            packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                w.detach().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
-                list(x.shape),
-            )
+            try:
+                packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                    w.detach().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
+                    list(x.shape),
+                )
+            except (RuntimeError, NotImplementedError):  # a configuration oneDNN cannot pack: stay eager
+                packed = None
             cache = (key, packed)
             self.__dict__["_ldm_packed"] = cache
         return cache[1]
