@@ -23,7 +23,7 @@ from ldmcli import fastpath
 from ldmcli.errors import UsageError
 from ldmcli.sampling import DiscreteSchedule, model_denoiser, sample_dpmpp_2m
 from ldmcli.sampling.samplers import dpmpp_timesteps
-from tests.tinymodels import build_tiny
+from tinymodels import build_tiny, install_tiny
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 LOW = {"cpu": [torch.bfloat16], "cuda": [torch.bfloat16, torch.float16]}
@@ -328,8 +328,6 @@ def _png_pixels(path) -> torch.Tensor:
 def test_txt2img_tile_decode_option(cli, tmp_path, monkeypatch):
     """--tile-decode: one tile (small images) is the plain decode bit for bit; a 320x320 image (an 80x80 latent of the
     tiny f4 model, 4 tiles of 64) comes out whole. --compile is offered."""
-    from tests.tinymodels import install_tiny
-
     install_tiny("txt2img", monkeypatch)
     common = ("a red cube", "--model", "tiny-txt2img", "--n_samples", "1", "--seed", "3", "--steps", "1",
               "--skip-grid", "--precision", "fp32")
