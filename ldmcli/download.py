@@ -32,7 +32,7 @@ from filelock import FileLock
 
 from ldmcli import paths
 from ldmcli.errors import DownloadError, UsageError
-from ldmcli.fileio import atomic_write_text, sha256_file  # noqa: F401 (store.py uses download.sha256_file)
+from ldmcli.fileio import atomic_write_text
 
 ProgressCallback = Callable[[int, "int | None", str], None]
 

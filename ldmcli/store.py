@@ -22,6 +22,7 @@ from typing import Literal
 from ldmcli import download, paths, zoo
 from ldmcli.download import ProgressCallback, RetryPolicy
 from ldmcli.errors import DownloadError, LdmError, OfflineError
+from ldmcli.fileio import sha256_file
 
 
 def local_dir(name: str) -> Path:
@@ -187,7 +188,7 @@ def verify(name: str, *, progress: ProgressCallback | None = None) -> VerifyRepo
         if not path.is_file():
             report.files.append(FileCheck(path, "missing", record.get("sha256")))
             continue
-        actual = download.sha256_file(path, progress)
+        actual = sha256_file(path, progress)
         status: FileStatus = "ok" if actual == record.get("sha256") else "mismatch"
         report.files.append(FileCheck(path, status, record.get("sha256"), actual))
     for rel in entry.contents:
