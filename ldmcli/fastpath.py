@@ -278,6 +278,10 @@ def prepare_for_inference(
         cond.to(device=target, dtype=conditioner_dtype if conditioner_dtype is not None else dtype)
     if target is not None:
         model.to(target)  # schedule buffers; LatentDiffusion keeps them float32
+    if dtype not in (None, torch.float32) or where.type != "cpu":
+        from ldmcli.loading import release_checkpoint
+
+        release_checkpoint(model)  # the float32 file's memory map is no longer needed
     if pack is None:
         pack = where.type == "cpu" and not compile
     packed = 0

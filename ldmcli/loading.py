@@ -300,6 +300,22 @@ def _existing(ckpt: str | os.PathLike) -> Path:
     return path
 
 
+def release_checkpoint(model: nn.Module) -> None:
+    """Copy the float32 CPU tensors left after a cast, so the checkpoint's memory map can be released.
+
+    Loaded weights are views of one memory-mapped file, and the map lives as long as any view does. After the
+    networks are cast to bf16/fp16 (or moved to a GPU), the views that remain are small float32 buffers (the noise
+    schedule, ``scale_factor``), yet they kept every page of the float32 file resident: 9.1 GB RSS instead of 3.2 GB
+    for txt2img-f8-large in bf16. A float32 model on the CPU needs none of this: the map *is* its one copy.
+    """
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for key, tensor in table.items():
+                if tensor is not None and tensor.device.type == "cpu" and tensor.dtype == torch.float32:
+                    copy = tensor.detach().clone()
+                    table[key] = nn.Parameter(copy, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else copy
+
+
 def _to_device_dtype(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Move to ``device``; cast the networks to ``dtype`` but keep the LDM's own buffers (schedules) in float32.
 
@@ -310,6 +326,8 @@ def _to_device_dtype(model: nn.Module, device: torch.device, dtype: torch.dtype)
             child.to(device=device, dtype=dtype)
     if device.type != "cpu":
         model.to(device)
+    if dtype != torch.float32 or device.type != "cpu":
+        release_checkpoint(model)
 
 
 def load_model(
