@@ -37,6 +37,11 @@ DeviceOption = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON record per written file on stdout.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")]
 SkipGridOption = Annotated[bool, typer.Option("--skip-grid", "--skip_grid", help="Do not write the grid.")]
+CompileOption = Annotated[bool, typer.Option("--compile", help="torch.compile the UNet with frozen weights: minutes "
+                                             "on the first run, then cached in the data dir.")]
+TileDecodeOption = Annotated[bool, typer.Option("--tile-decode", help="Decode in overlapping tiles (512x512 pixels "
+                                                "for f8 models) for images too big to decode at once; seams are "
+                                                "blended.")]
 
 # text/CLIP-prompted generation: txt2img and knn2img
 PromptOption = Annotated[Optional[str], typer.Option("--prompt", help="The prompt (as upstream's script takes it).",

@@ -180,10 +180,8 @@ def txt2img_command(
     device: opts.DeviceOption = None,
     precision: str = typer.Option("auto", "--precision", help="fp32, bf16, fp16 or auto (bf16 where the hardware "
                                   "has it natively)."),
-    compile_unet: bool = typer.Option(False, "--compile", help="torch.compile the UNet with frozen weights: minutes "
-                                      "on the first run, then cached in the data dir."),
-    tile_decode: bool = typer.Option(False, "--tile-decode", help="Decode in overlapping tiles (512x512 pixels for "
-                                     "f8 models) for images too big to decode at once; seams are blended."),
+    compile_unet: opts.CompileOption = False,
+    tile_decode: opts.TileDecodeOption = False,
     as_json: opts.JsonOption = False,
     quiet: opts.QuietOption = False,
 ) -> None:
