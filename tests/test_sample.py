@@ -89,6 +89,7 @@ def test_resume_a_train_ldm_run_folder_or_checkpoint(cli, tmp_path, monkeypatch)
 
 def test_vanilla_sample_runs_the_full_ddpm_chain(cli, monkeypatch, tmp_path):
     from ldmcli import generate
+    from ldmcli.sampling import settings as sampling_settings
 
     seen = {}
 
@@ -98,7 +99,7 @@ def test_vanilla_sample_runs_the_full_ddpm_chain(cli, monkeypatch, tmp_path):
             kwargs["callback"](generate.SamplerStep(i, 1000, 999 - i, x, x))
         return x
 
-    monkeypatch.setattr(generate, "sample_ddpm", fake_ddpm)
+    monkeypatch.setattr(sampling_settings, "sample_ddpm", fake_ddpm)
     install_tiny("uncond", monkeypatch)
     r = cli("sample", "tiny-uncond", "-n", "1", "--vanilla_sample", "--logdir", tmp_path / "out", "--json", *FAST)
     assert r.exit_code == 0, r

@@ -130,7 +130,8 @@ def sample_images(
     import torch
 
     from ldmcli.fastpath import decode_latents, inference_context
-    from ldmcli.generate import SamplerSettings, class_range, sample_latents
+    from ldmcli.generate import class_range
+    from ldmcli.sampling import SamplerSettings, sample_latents
     from ldmcli.output import to_uint8
     from ldmcli.sampling import DiscreteSchedule
 

@@ -15,8 +15,11 @@ from ldmcli.sampling.samplers import (
     sample_dpmpp_2m,
     sample_plms,
 )
+from ldmcli.sampling.settings import SamplerSettings, sample_latents
 
 __all__ = [
+    "SamplerSettings",
+    "sample_latents",
     "SAMPLERS",
     "DiscreteSchedule",
     "SamplerStep",
