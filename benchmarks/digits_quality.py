@@ -45,16 +45,13 @@ def main() -> None:
     import torch
 
     from ldmcli.datasets import digits
-    from ldmcli.generate import resolve_model, resolve_run
-    from ldmcli.loading import load_model
+    from ldmcli.loading import load
 
     if args.threads:
         torch.set_num_threads(args.threads)
     eta = (1.0 if args.sampler == "ddim" else 0.0) if args.eta is None else args.eta
-    path = Path(args.model)
-    source = resolve_run(path) if path.exists() and path.suffix != ".safetensors" else resolve_model(args.model)
-    model = load_model(source.target, ckpt=source.ckpt)
-    print(f"model {source.name}: step {model.global_step}, torch threads {torch.get_num_threads()}")
+    model = load(args.model)
+    print(f"model {model.name}: step {model.global_step}, torch threads {torch.get_num_threads()}")
     t0 = time.perf_counter()
     clf = digits.fit_classifier()
     sampling = dict(seed=args.seed, sampler=args.sampler, steps=args.steps, eta=eta, scale=args.scale,

@@ -21,7 +21,7 @@ from ldmcli import checkpoint as ckpt_io
 from ldmcli import config as model_config
 from ldmcli.errors import LdmError, UsageError
 from ldmcli.fileio import atomic_write_text
-from ldmcli.loading import META_CONFIG, load_model
+from ldmcli.loading import META_CONFIG, load
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
@@ -42,8 +42,8 @@ def package_model(source: str | os.PathLike, dest: str | os.PathLike) -> Path:
                            src.parent / CONFIG)
     if not config_file.is_file():
         raise UsageError(f"no {CONFIG} next to {ckpt}")
-    model = load_model(config_file, ckpt=ckpt, ema=True)
-    cfg = model.ldm_config
+    loaded = load(config_file, ckpt=ckpt, ema=True)
+    model, cfg = loaded.model, loaded.config
     if cfg.ldm is None:
         raise UsageError(f"{src} is a first stage, not a latent diffusion model")
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.ldm, use_ema=False))
@@ -53,7 +53,7 @@ def package_model(source: str | os.PathLike, dest: str | os.PathLike) -> Path:
     out = Path(dest).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     weights = ckpt_io.save_safetensors(out / WEIGHTS, state, metadata={META_CONFIG: json.dumps(doc, sort_keys=True)},
-                                       global_step=model.global_step)
+                                       global_step=loaded.global_step)
     atomic_write_text(out / CONFIG, yaml.safe_dump(doc, sort_keys=False))
     return weights
 

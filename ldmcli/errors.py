@@ -29,3 +29,19 @@ class DownloadError(LdmError):
 
 class CheckpointError(LdmError):
     """A checkpoint that cannot be loaded safely or does not match its config."""
+
+
+class RequestError(UsageError):
+    """A bad value in a pipeline's request (exit code 2). ``field`` names the request's field; the CLI shows the
+    option that sets it instead (``n_samples must be ...`` becomes ``--n_samples must be ...``)."""
+
+    def __init__(self, field: str, detail: str) -> None:
+        self.field = field
+        self.detail = detail
+        super().__init__(detail)
+
+    def for_option(self, option: str) -> str:
+        """The message naming ``option`` where it names the field (``steps must be ...`` -> ``--steps must be ...``)."""
+        if self.detail.startswith((self.field + " ", self.field + ":")):
+            return option + self.detail[len(self.field):]
+        return self.detail

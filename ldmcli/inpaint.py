@@ -18,9 +18,9 @@ noise, reduced precision for the networks, and resumable batches written atomica
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -28,13 +28,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image
 
-from ldmcli.errors import LdmError, UsageError
-from ldmcli.fileio import atomic_write_bytes
-from ldmcli.output import encode_png
+from ldmcli.errors import UsageError
+from ldmcli.sampling import SamplerSettings
 
 MASK_SUFFIX = "_mask"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-SAMPLERS = ("ddim", "plms", "dpmpp")
 
 
 # ------------------------------------------------------------------------------------------------------ inputs
@@ -167,21 +165,31 @@ def find_pairs(indir: str | os.PathLike, outdir: str | os.PathLike) -> tuple[lis
 # ------------------------------------------------------------------------------------------------------- model
 
 
-def check_inpainting_model(model: Any) -> None:
+NOT_INPAINTING = ("{} is not an inpainting model (it needs concat conditioning on its first stage's encoding plus a "
+                  "mask channel, like inpainting_big)")
+
+
+def check_inpainting_config(cfg: Any, name: str) -> None:
+    """:func:`check_inpainting_model` on a config, before any weights are loaded."""
+    ldm = getattr(cfg, "ldm", None)
+    if (ldm is None or ldm.conditioning_key != "concat" or ldm.cond_stage.type != "first_stage"
+            or ldm.unet.in_channels != 2 * int(ldm.channels) + 1):
+        raise UsageError(NOT_INPAINTING.format(name))
+
+
+def check_inpainting_model(model: Any, name: str = "the model") -> None:
     """A UsageError unless ``model`` is an inpainting LDM: concat conditioning on its own first stage's encoding
     plus one mask channel (``unet.in_channels == 2 * latent channels + 1``)."""
     wrapper = getattr(model, "model", None)
     unet = getattr(wrapper, "diffusion_model", None)
     first = getattr(model, "first_stage_model", None)
-    name = Path(str(getattr(model, "ckpt_path", "the model"))).name
     if (
         getattr(wrapper, "conditioning_key", None) != "concat"
         or first is None
         or getattr(model, "cond_stage_model", None) is not first
         or getattr(unet, "in_channels", None) != 2 * int(getattr(model, "channels", 0)) + 1
     ):
-        raise UsageError(f"{name} is not an inpainting model (it needs concat conditioning on its first stage's "
-                         f"encoding plus a mask channel, like inpainting_big)")
+        raise UsageError(NOT_INPAINTING.format(name))
 
 
 def model_factor(model: Any) -> int:
@@ -234,58 +242,12 @@ def conditioning(model: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat((c, cc), dim=1)
 
 
-def _sample(
-    model: Any,
-    c: torch.Tensor,
-    x_T: torch.Tensor,
-    *,
-    sampler: str,
-    steps: int,
-    eta: float,
-    generator: torch.Generator | None,
-    callback: Callable[[int, int], None] | None,
-) -> torch.Tensor:
-    from ldmcli.sampling import (DiscreteSchedule, ddim_timesteps, dpmpp_timesteps, model_denoiser, sample_ddim,
-                                 sample_dpmpp_2m, sample_plms)
-
-    if sampler not in SAMPLERS:
-        raise UsageError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
-    schedule = DiscreteSchedule.from_model(model)
-    try:
-        grid = dpmpp_timesteps(schedule, steps) if sampler == "dpmpp" else ddim_timesteps(steps, schedule.num_timesteps)
-    except ValueError as e:
-        raise UsageError(f"--steps {steps}: {e}") from None
-    eps = model_denoiser(model, c, schedule=schedule)
-    step_cb = (lambda s: callback(s.i + 1, s.total)) if callback is not None else None
-    if sampler == "ddim":
-        return sample_ddim(eps, x_T, schedule, grid, eta=eta, generator=generator, callback=step_cb)
-    if sampler == "plms":
-        return sample_plms(eps, x_T, schedule, grid, callback=step_cb)
-    return sample_dpmpp_2m(eps, x_T, schedule, grid, callback=step_cb)
-
-
-def check_sampler(sampler: str, steps: int, eta: float) -> None:
-    """UsageErrors for settings the samplers refuse, raised before any model is loaded."""
-    if sampler not in SAMPLERS:
-        raise UsageError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
-    if steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {steps}")
-    if steps > 1000:
-        raise UsageError(f"--steps must be at most 1000 (the published models' timesteps), got {steps}")
-    if not eta >= 0.0:
-        raise UsageError(f"--eta must be >= 0, got {eta}")
-    if eta != 0.0 and sampler != "ddim":
-        raise UsageError(f"--eta applies to the ddim sampler only ({sampler} is deterministic)")
-
-
 @torch.no_grad()
 def inpaint_batch(
     model: Any,
     batch: Mapping[str, torch.Tensor],
     *,
-    steps: int = 50,
-    sampler: str = "ddim",
-    eta: float = 0.0,
+    settings: SamplerSettings = SamplerSettings("ddim", 50, 0.0, 1.0),
     x_T: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     callback: Callable[[int, int], None] | None = None,
@@ -293,18 +255,20 @@ def inpaint_batch(
     """Upstream's pipeline on a :func:`make_batch` batch (sides multiples of :func:`model_factor`): returns
     ``inpainted = (1 - mask) * image + mask * predicted``, ``[b, 3, h, w]`` float32 in [0, 1], before the uint8
     conversion. ``x_T`` (else standard normal noise from ``generator``, drawn on its device) is the initial latent;
-    ``callback(step, total)`` after each sampler step.
+    ``settings`` the sampler (no guidance: upstream's inpainting has no unconditional input); ``callback(step,
+    total)`` after each sampler step.
     """
-    from ldmcli.sampling import noise_like
+    from ldmcli.sampling import noise_like, sample_latents
 
     c = conditioning(model, batch)
     shape = (c.shape[0], c.shape[1] - 1, *c.shape[2:])
     if x_T is None:
         x_T = noise_like(torch.empty(shape, device=c.device), generator)
     elif tuple(x_T.shape) != shape:
-        raise UsageError(f"x_T has shape {list(x_T.shape)} but this image needs {list(shape)}")
-    samples = _sample(model, c, x_T.to(c.device, torch.float32), sampler=sampler, steps=steps, eta=eta,
-                      generator=generator, callback=callback)
+        raise ValueError(f"x_T has shape {list(x_T.shape)} but this image needs {list(shape)}")
+    step_cb = (lambda s: callback(s.i + 1, s.total)) if callback is not None else None
+    samples = sample_latents(model, x_T.to(c.device, torch.float32), c, None, settings, generator=generator,
+                             callback=step_cb)
     x_samples = model.decode_first_stage(samples.to(_first_stage_dtype(model))).float()
 
     image = torch.clamp((batch["image"] + 1.0) / 2.0, min=0.0, max=1.0)
@@ -318,9 +282,7 @@ def inpaint_array(
     image: np.ndarray,
     mask: np.ndarray,
     *,
-    steps: int = 50,
-    sampler: str = "ddim",
-    eta: float = 0.0,
+    settings: SamplerSettings = SamplerSettings("ddim", 50, 0.0, 1.0),
     generator: torch.Generator | None = None,
     x_T: torch.Tensor | None = None,
     callback: Callable[[int, int], None] | None = None,
@@ -332,112 +294,15 @@ def inpaint_array(
     mask with nothing to fill returns the image without running the model.
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise UsageError(f"the image must be [h, w, 3] uint8, got {list(image.shape)} {image.dtype}")
+        raise ValueError(f"the image must be [h, w, 3] uint8, got {list(image.shape)} {image.dtype}")
     if mask.shape != image.shape[:2] or mask.dtype != np.uint8:
-        raise UsageError(f"the mask must be [h, w] uint8 of the image's size, got {list(mask.shape)} {mask.dtype}")
+        raise ValueError(f"the mask must be [h, w] uint8 of the image's size, got {list(mask.shape)} {mask.dtype}")
     fill = (mask.astype(np.float32) / 255.0) >= 0.5  # upstream's binarisation
     if not fill.any():
         return image.copy()
     h, w = mask.shape
     factor = model_factor(model)
     batch = make_batch(pad_to_multiple(image, factor), pad_to_multiple(mask, factor), _model_device(model))
-    inpainted = inpaint_batch(model, batch, steps=steps, sampler=sampler, eta=eta, x_T=x_T, generator=generator,
-                              callback=callback)
+    inpainted = inpaint_batch(model, batch, settings=settings, x_T=x_T, generator=generator, callback=callback)
     predicted = (rearrange(inpainted[0, :, :h, :w], "c h w -> h w c").cpu().numpy() * 255).astype(np.uint8)
     return np.where(fill[..., None], predicted, image)
-
-
-# ------------------------------------------------------------------------------------------------------- batch
-
-
-@dataclass(frozen=True)
-class InpaintSettings:
-    """What a run uses for every pair (each pair gets its own generator seeded with ``seed``, so a result does not
-    depend on which other pairs ran before it: resumed batches give the same images)."""
-
-    steps: int = 50
-    sampler: str = "ddim"
-    eta: float = 0.0
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class InpaintEvent:
-    """Progress of :func:`inpaint_pairs`: ``kind`` is ``start``, ``step``, ``done``, ``skipped`` or ``failed``;
-    ``index`` counts pairs from 0 of ``total``; ``step``/``steps`` the sampler's progress within the pair."""
-
-    kind: str
-    index: int
-    total: int
-    pair: InpaintPair
-    step: int = 0
-    steps: int = 0
-    message: str = ""
-
-
-@dataclass
-class InpaintReport:
-    """What a batch did: outputs written (with their records), pairs skipped (output present), pairs failed."""
-
-    written: list[dict[str, Any]] = field(default_factory=list)
-    skipped: list[InpaintPair] = field(default_factory=list)
-    failed: list[PairProblem] = field(default_factory=list)
-
-
-def inpaint_pairs(
-    model: Any,
-    pairs: Iterable[InpaintPair],
-    settings: InpaintSettings,
-    *,
-    overwrite: bool = False,
-    metadata: Mapping[str, Any] | None = None,
-    callback: Callable[[InpaintEvent], None] | None = None,
-) -> InpaintReport:
-    """Inpaint each pair and write ``pair.output`` (PNG, atomically, the settings in its ``ldmcli`` text chunk).
-
-    An output that already exists is skipped unless ``overwrite`` (resumable batches); a pair that cannot be read
-    is recorded in ``report.failed`` and the others go on. ``metadata`` is added to every PNG and record.
-    """
-    pairs = list(pairs)
-    report = InpaintReport()
-    total = len(pairs)
-    for index, pair in enumerate(pairs):
-        def emit(kind: str, step: int = 0, steps: int = 0, message: str = "") -> None:
-            if callback is not None:
-                callback(InpaintEvent(kind, index, total, pair, step, steps, message))
-
-        if pair.output.exists() and not overwrite:
-            report.skipped.append(pair)
-            emit("skipped", message=f"{pair.output} exists")
-            continue
-        emit("start")
-        try:
-            image, mask = load_pair(pair.image, pair.mask)
-        except LdmError as e:
-            report.failed.append(PairProblem(pair.image, str(e)))
-            emit("failed", message=str(e))
-            continue
-        generator = torch.Generator().manual_seed(settings.seed)
-        result = inpaint_array(model, image, mask, steps=settings.steps, sampler=settings.sampler, eta=settings.eta,
-                               generator=generator, callback=lambda i, n: emit("step", i, n))
-        record = {
-            **(dict(metadata) if metadata else {}),
-            "image": pair.image.name,
-            "mask": pair.mask.name,
-            "width": int(image.shape[1]),
-            "height": int(image.shape[0]),
-            "steps": settings.steps,
-            "sampler": settings.sampler,
-            "eta": settings.eta,
-            "seed": settings.seed,
-        }
-        try:
-            atomic_write_bytes(pair.output, encode_png(result, record))
-        except OSError as e:
-            problem = PairProblem(pair.output, f"{pair.output}: cannot write ({e.strerror or e})")
-            report.failed.append(problem)
-            emit("failed", message=problem.message)
-            continue
-        report.written.append({"path": str(pair.output), **record})
-        emit("done")
-    return report

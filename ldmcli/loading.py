@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -135,37 +136,19 @@ def assign_weights(
         raise CheckpointError(f"{source} left {len(leftover)} weights unset, e.g. {leftover[0]}")
 
 
-def _config_module():
-    from ldmcli import config
-
-    return config
-
-
 def _config_to_json(cfg: Any) -> str | None:
-    config = _config_module()
-    for fn_name in ("config_to_dict", "to_dict", "dump_config"):
-        fn = getattr(config, fn_name, None)
-        if callable(fn):
-            try:
-                return json.dumps(fn(cfg), sort_keys=True)
-            except (TypeError, ValueError):
-                return None
-    method = getattr(cfg, "to_dict", None)
-    if callable(method):
-        try:
-            return json.dumps(method(), sort_keys=True)
-        except (TypeError, ValueError):
-            return None
-    return None
+    from ldmcli.config import config_to_dict
+
+    try:
+        return json.dumps(config_to_dict(cfg), sort_keys=True)
+    except (TypeError, ValueError, AttributeError):
+        return None
 
 
 def _config_from_json(text: str) -> Any:
-    config = _config_module()
-    for fn_name in ("config_from_dict", "from_dict"):
-        fn = getattr(config, fn_name, None)
-        if callable(fn):
-            return fn(json.loads(text))
-    raise CheckpointError("this version of ldmcli cannot read the config stored in the checkpoint")
+    from ldmcli.config import config_from_dict
+
+    return config_from_dict(json.loads(text))
 
 
 def _manifest_sha256(path: Path) -> str | None:
@@ -177,19 +160,6 @@ def _manifest_sha256(path: Path) -> str | None:
     except (ValueError, LdmError, OSError, ImportError):
         return None
     return record.get("sha256") if isinstance(record, dict) else None
-
-
-def checkpoint_sha256(model: nn.Module) -> str | None:
-    """``model.ckpt_sha256``, computing (and caching) it from the checkpoint file when it is not known yet."""
-    known = getattr(model, "ckpt_sha256", None)
-    if known:
-        return known
-    path = getattr(model, "ckpt_path", None)
-    if path is None or not Path(path).is_file():
-        return None
-    value = sha256_file(path)
-    model.ckpt_sha256 = value
-    return value
 
 
 def _read_sidecar(sidecar: Path, source: Path | None) -> ckpt_io.Checkpoint | None:
@@ -227,77 +197,128 @@ def _write_sidecar(
         return None
 
 
-def _is_config_path(name: str) -> bool:
-    return Path(name).suffix.lower() in CONFIG_SUFFIXES or os.sep in name or "/" in name
+# ------------------------------------------------------------------------------------------------------ resolving
 
 
-def _zoo_config(entry: Any) -> Any:
-    """The config of a zoo entry: its preset (``entry.arch``); an absolute ``entry.config`` path wins (test zoos)."""
-    config = _config_module()
-    if entry.config and Path(entry.config).is_absolute():
-        return config.load_config(entry.config)
-    return config.load_config(entry.arch or entry.name)
+@dataclass(frozen=True)
+class ModelSource:
+    """What to load, found without loading anything: a ``name`` for records, the ``config`` (None when a
+    ``.safetensors`` written by ldmcli carries it), the checkpoint file (None: the zoo ``entry``'s, from the store)."""
 
-
-def _resolve(
-    name_or_config: str | os.PathLike | Any, ckpt: str | os.PathLike | None, progress: Any
-) -> tuple[Any, ckpt_io.Checkpoint, bool, str | None]:
-    """Config, checkpoint, whether the checkpoint came from the store (a download), and its sha256 if known."""
-    config = _config_module()
-    if not isinstance(name_or_config, (str, os.PathLike)):  # an already-built config object
-        if ckpt is None:
-            raise UsageError("load_model with a config object needs ckpt= (the checkpoint path)")
-        return name_or_config, ckpt_io.load_checkpoint(_existing(ckpt)), False, None
-
-    name = os.fspath(name_or_config)
-    path = Path(name).expanduser()
-    if path.suffix.lower() in (ckpt_io.SAFETENSORS_SUFFIX,) and path.is_file() and ckpt is None:
-        loaded = ckpt_io.load_safetensors(path)  # our own format carries its config
-        if META_CONFIG not in loaded.metadata:
-            raise UsageError(f"{path.name} holds no config: pass the config and ckpt={path.name}")
-        return _config_from_json(loaded.metadata[META_CONFIG]), loaded, False, loaded.metadata.get(META_SOURCE_SHA256)
-    if path.is_dir() and (path / "config.yaml").is_file():
-        # upstream's layout (sample_diffusion.py -r <dir>): <dir>/config.yaml with <dir>/model.ckpt beside it
-        if ckpt is None:
-            found = [path / n for n in ("model.safetensors", "model.ckpt", "last.ckpt") if (path / n).is_file()]
-            if not found:
-                raise UsageError(f"{path} holds config.yaml but no model.ckpt: pass ckpt=")
-            ckpt = found[0]
-        return config.load_config(path / "config.yaml"), ckpt_io.load_checkpoint(_existing(ckpt)), False, None
-    if path.is_file() or _is_config_path(name):
-        if not path.is_file():
-            raise UsageError(f"config file not found: {path}")
-        cfg = config.load_config(str(path))
-        if ckpt is None:
-            raise UsageError(f"a config file needs a checkpoint: load_model({path.name!r}, ckpt='model.ckpt')")
-        return cfg, ckpt_io.load_checkpoint(_existing(ckpt)), False, None
-
-    from ldmcli import store, zoo
-
-    entry = zoo.get(name)  # UnknownModelError (a UsageError) for a bad name
-    if entry.checkpoint is None:
-        raise UsageError(f"{entry.name} is a {entry.kind.replace('_', ' ')}, not a model")
-    cfg = _zoo_config(entry)
-    if ckpt is not None:
-        return cfg, ckpt_io.load_checkpoint(_existing(ckpt)), False, None
-    ckpt_file = entry.local_dir() / entry.checkpoint
-    sidecar = ckpt_io.safetensors_sidecar(ckpt_file)
-    if ckpt_file.suffix != ckpt_io.SAFETENSORS_SUFFIX:
-        loaded = _read_sidecar(sidecar, ckpt_file)
-        if loaded is not None:
-            for asset in entry.assets:
-                store.ensure(asset)
-            sha = loaded.metadata.get(META_SOURCE_SHA256) or _manifest_sha256(ckpt_file)
-            return cfg, loaded, False, sha
-    ckpt_file = store.checkpoint_path(entry.name, progress=progress)
-    return cfg, ckpt_io.load_checkpoint(ckpt_file), True, _manifest_sha256(ckpt_file)
+    name: str
+    config: Any
+    ckpt: Path | None
+    entry: Any = None
 
 
 def _existing(ckpt: str | os.PathLike) -> Path:
     path = Path(ckpt).expanduser()
     if not path.is_file():
-        raise UsageError(f"checkpoint not found: {path}")
+        raise UsageError(f"checkpoint not found: {path}" if path.parent.is_dir() or path.exists()
+                         else f"cannot find {path} (checkpoint not found)")
     return path
+
+
+def _run_folder_checkpoint(folder: Path) -> Path:
+    candidates = [folder / n for n in ("model.safetensors", "model.ckpt", "last.ckpt")]
+    candidates.append(folder / "checkpoints" / "last.ckpt")
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise UsageError(f"{folder} holds no model.ckpt (nor model.safetensors or checkpoints/last.ckpt)")
+    return found
+
+
+def _config_beside(ckpt: Path) -> Path | None:
+    """``config.yaml`` next to a checkpoint or one folder up (``ldm train-*`` runs: ``run/checkpoints/last.ckpt``)."""
+    return next((c for c in (ckpt.parent / "config.yaml", ckpt.parent.parent / "config.yaml") if c.is_file()), None)
+
+
+def resolve(
+    target: str | os.PathLike | Any, *, config: str | os.PathLike | None = None, ckpt: str | os.PathLike | None = None,
+) -> ModelSource:
+    """The one model resolver: what ``target`` names, reading configs but no weights.
+
+    ``target`` is a zoo name (or an entry added with :func:`ldmcli.zoo.register`), a run folder (``config.yaml`` with
+    ``model.safetensors``/``model.ckpt``/``last.ckpt``/``checkpoints/last.ckpt``, as upstream's
+    ``sample_diffusion.py -r`` and ``ldm train-*`` write them), a checkpoint file (its config beside it or one folder
+    up; a ``.safetensors`` written by ldmcli carries its own), a config file (with ``ckpt``), or an already-built
+    config object (with ``ckpt``). ``config`` + ``ckpt`` name both files explicitly. Unknown names, missing files and
+    invalid configs raise :class:`UsageError` here, before any loading.
+    """
+    from ldmcli.config import load_config
+
+    if config is not None:
+        if not Path(config).is_file():
+            raise UsageError(f"config file not found: {config}")
+        if ckpt is None:
+            raise UsageError(f"a config file needs a checkpoint (config {config})")
+        return ModelSource(str(ckpt), load_config(Path(config)), _existing(ckpt))
+    if not isinstance(target, (str, os.PathLike)):  # an already-built config object
+        if ckpt is None:
+            raise UsageError("a config object needs a checkpoint")
+        return ModelSource(str(ckpt), target, _existing(ckpt))
+
+    name = os.fspath(target)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        found = _run_folder_checkpoint(path) if ckpt is None else _existing(ckpt)
+        config_file = path / "config.yaml" if (path / "config.yaml").is_file() else _config_beside(found)
+        if config_file is None:
+            if found.suffix == ckpt_io.SAFETENSORS_SUFFIX:
+                return ModelSource(name, None, found)
+            raise UsageError(f"{path} holds no config.yaml")
+        return ModelSource(name, load_config(config_file), found)
+    if path.suffix.lower() in CONFIG_SUFFIXES:
+        if not path.is_file():
+            raise UsageError(f"config file not found: {path}")
+        if ckpt is None:
+            raise UsageError(f"{path} is a config: it needs a checkpoint too")
+        return ModelSource(str(ckpt), load_config(path), _existing(ckpt))
+    if path.is_file() or path.suffix.lower() in (".ckpt", ckpt_io.SAFETENSORS_SUFFIX) or os.sep in name:
+        if not path.exists():
+            raise UsageError(f"cannot find {path} (checkpoint not found)")
+        found = _existing(path)
+        config_file = _config_beside(found)
+        if config_file is None:
+            if found.suffix == ckpt_io.SAFETENSORS_SUFFIX:
+                return ModelSource(name, None, found)
+            raise UsageError(f"no config.yaml next to {found} (or one folder up)")
+        return ModelSource(name, load_config(config_file), found)
+
+    from ldmcli import zoo
+
+    entry = zoo.get(name)  # UnknownModelError (a UsageError) for a bad name
+    if entry.checkpoint is None:
+        raise UsageError(f"{entry.name} is a {entry.kind.replace('_', ' ')}, not a model")
+    return ModelSource(entry.name, zoo.entry_config(entry), _existing(ckpt) if ckpt is not None else None, entry)
+
+
+def _open_checkpoint(source: ModelSource, progress: Any) -> tuple[Any, ckpt_io.Checkpoint, bool, str | None]:
+    """Config, checkpoint, whether the checkpoint is a fresh download (then a ``.safetensors`` copy is written) and
+    its sha256 when known."""
+    if source.ckpt is not None:
+        if source.ckpt.suffix.lower() == ckpt_io.SAFETENSORS_SUFFIX:
+            loaded = ckpt_io.load_safetensors(source.ckpt)
+            cfg = source.config
+            if cfg is None:
+                if META_CONFIG not in loaded.metadata:
+                    raise UsageError(f"{source.ckpt.name} holds no config: pass the config file with it")
+                cfg = _config_from_json(loaded.metadata[META_CONFIG])
+            return cfg, loaded, False, loaded.metadata.get(META_SOURCE_SHA256)
+        return source.config, ckpt_io.load_checkpoint(source.ckpt), False, None
+
+    from ldmcli import store
+
+    entry = source.entry
+    ckpt_file = entry.local_dir() / entry.checkpoint
+    if ckpt_file.suffix != ckpt_io.SAFETENSORS_SUFFIX:
+        loaded = _read_sidecar(ckpt_io.safetensors_sidecar(ckpt_file), ckpt_file)
+        if loaded is not None:
+            for asset in entry.assets:
+                store.ensure(asset)
+            return source.config, loaded, False, loaded.metadata.get(META_SOURCE_SHA256) or _manifest_sha256(ckpt_file)
+    ckpt_file = store.checkpoint_path(entry.name, progress=progress)
+    return source.config, ckpt_io.load_checkpoint(ckpt_file), True, _manifest_sha256(ckpt_file)
 
 
 def release_checkpoint(model: nn.Module) -> None:
@@ -330,8 +351,35 @@ def _to_device_dtype(model: nn.Module, device: torch.device, dtype: torch.dtype)
         release_checkpoint(model)
 
 
-def load_model(
-    name_or_config: str | os.PathLike | Any,
+def _needs_bert_vocab(cfg: Any) -> bool:
+    ldm = getattr(cfg, "ldm", None)
+    cond = getattr(ldm, "cond_stage", None)
+    return getattr(cond, "type", None) == "bert" and bool(getattr(cond.params, "use_tokenizer", True))
+
+
+@dataclass
+class Loaded:
+    """A loaded model and what is known about it: ``config`` (:class:`ldmcli.config.ModelConfig`), the checkpoint
+    file it came from, its sha256 (None until known; see :meth:`sha256`), the training step the checkpoint records,
+    and whether the weights are the EMA ones."""
+
+    model: nn.Module
+    config: Any
+    name: str
+    ckpt_path: Path
+    ckpt_sha256: str | None = None
+    global_step: int | None = None
+    uses_ema_weights: bool = False
+
+    def sha256(self) -> str | None:
+        """The checkpoint's sha256, hashed (once) when not known from the store's manifest."""
+        if self.ckpt_sha256 is None and self.ckpt_path.is_file():
+            self.ckpt_sha256 = sha256_file(self.ckpt_path)
+        return self.ckpt_sha256
+
+
+def load(
+    source: ModelSource | str | os.PathLike | Any,
     ckpt: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
@@ -339,21 +387,10 @@ def load_model(
     ema: bool = True,
     callback: Callback | None = None,
     progress: Any = None,
-) -> nn.Module:
-    """Load a zoo model by name, or a config file (ours or upstream's YAML) with ``ckpt=`` its checkpoint.
-
-    Also accepted: an upstream model folder (``config.yaml`` beside ``model.ckpt``, as ``sample_diffusion.py -r``
-    takes), and a ``.safetensors`` written by ldmcli, which carries its config.
-
-    Returns the model in eval mode without gradients, float32 unless ``dtype`` says otherwise, on ``device``
-    (``None``: CPU; use :func:`ldmcli.devices.pick_device` for the automatic choice). With ``ema=True`` (default)
-    a config that uses EMA samples with the EMA weights, as upstream's scripts do (``model.model_ema`` is then
-    dropped and ``ema_scope()`` does nothing); ``ema=False`` keeps the raw weights and ``model_ema`` as upstream.
-    ``progress`` is passed to the store's download (see :mod:`ldmcli.download`); ``callback(message)`` gets a line
-    per stage. Attributes for the commands:
-    ``ldm_config``, ``ckpt_path``, ``ckpt_sha256`` (None until known; see :func:`checkpoint_sha256`),
-    ``global_step`` (None when the checkpoint does not say), ``uses_ema_weights``.
-    """
+) -> Loaded:
+    """Resolve (see :func:`resolve`) and load a model; returns a :class:`Loaded`. ``load_model`` is the same, returning
+    the module alone."""
+    from ldmcli.config import build_model
     from ldmcli.devices import pick_device
 
     target_device = torch.device(device) if isinstance(device, torch.device) else (
@@ -361,12 +398,18 @@ def load_model(
     )
     if dtype is not None and not dtype.is_floating_point:
         raise UsageError(f"dtype must be a floating point type, not {dtype}")
-    cfg, loaded, downloaded, sha = _resolve(name_or_config, ckpt, progress)
-    config = _config_module()
+    if not isinstance(source, ModelSource):
+        source = resolve(source, ckpt=ckpt)
+    cfg, loaded, downloaded, sha = _open_checkpoint(source, progress)
+    vocab = None
+    if _needs_bert_vocab(cfg):
+        from ldmcli import store
+
+        vocab = store.asset_path("bert-base-uncased", progress=progress) / "vocab.txt"
     if callback:
         callback(f"building the model from {loaded.path.name}")
     with params_on_meta():
-        model = config.build_model(cfg)
+        model = build_model(cfg, bert_vocab=vocab)
     uses_ema = _uses_ema(model, cfg)
     has_shadows = isinstance(getattr(model, "model_ema", None), nn.Module)
     if uses_ema and not ema and has_shadows and not any(k.startswith(ckpt_io.EMA_PREFIX) for k in loaded.state_dict):
@@ -390,9 +433,29 @@ def load_model(
     else:
         model.requires_grad_(False)
     _to_device_dtype(model, target_device, dtype or torch.float32)
-    model.ldm_config = cfg
-    model.ckpt_path = loaded.path
-    model.ckpt_sha256 = sha
-    model.global_step = loaded.global_step
-    model.uses_ema_weights = bool(uses_ema and ema)
-    return model
+    return Loaded(model, cfg, source.name, loaded.path, sha, loaded.global_step, bool(uses_ema and ema))
+
+
+def load_model(
+    name_or_config: str | os.PathLike | Any,
+    ckpt: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    ema: bool = True,
+    callback: Callback | None = None,
+    progress: Any = None,
+) -> nn.Module:
+    """Load a zoo model by name, or a config file (ours or upstream's YAML) with ``ckpt=`` its checkpoint.
+
+    Also accepted: an upstream model folder (``config.yaml`` beside ``model.ckpt``, as ``sample_diffusion.py -r``
+    takes), and a ``.safetensors`` written by ldmcli, which carries its config.
+
+    Returns the model in eval mode without gradients, float32 unless ``dtype`` says otherwise, on ``device``
+    (``None``: CPU; use :func:`ldmcli.devices.pick_device` for the automatic choice). With ``ema=True`` (default)
+    a config that uses EMA samples with the EMA weights, as upstream's scripts do (``model.model_ema`` is then
+    dropped and ``ema_scope()`` does nothing); ``ema=False`` keeps the raw weights and ``model_ema`` as upstream.
+    ``progress`` is passed to the store's download (see :mod:`ldmcli.download`); ``callback(message)`` gets a line
+    per stage. :func:`load` returns the same model with its config, checkpoint path, sha256 and training step.
+    """
+    return load(name_or_config, ckpt, device, dtype, ema=ema, callback=callback, progress=progress).model

@@ -16,7 +16,7 @@ import difflib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from ldmcli import paths
 from ldmcli.errors import UnknownModelError
@@ -58,8 +58,11 @@ class ZooEntry:
     assets: tuple[str, ...] = ()
     #: the checkpoint file inside ``dest`` (models only)
     checkpoint: str | None = None
-    #: the upstream config this entry's weights belong to (relative to ``shared/reference/configs``)
+    #: the upstream config this entry's weights belong to (relative to upstream's repository; documentation only)
     config: str | None = None
+    #: a config file of the entry's own (built-in models, entries added with :func:`register`); None: the preset
+    #: ``arch`` describes the architecture
+    config_path: str | None = None
     description: str = ""
     aliases: tuple[str, ...] = field(default=())
     #: shipped inside the ldmcli package (``dest`` is then relative to the package): nothing to download
@@ -206,7 +209,7 @@ _ENTRIES: tuple[ZooEntry, ...] = (
         files=(),
         contents=("model.safetensors", "config.yaml"),
         checkpoint="model.safetensors",
-        config=str(_package_dir() / "assets" / "digits" / "config.yaml"),
+        config_path=str(_package_dir() / "assets" / "digits" / "config.yaml"),
         description="handwritten digits 32x32, class-conditional (10 classes + null), built in: no download",
         packaged=True,
     ),
@@ -332,6 +335,28 @@ def get(name: str) -> ZooEntry:
     if real is None:
         raise _unknown(name)
     return REGISTRY[real]
+
+
+def register(entry: ZooEntry, *, replace: bool = False) -> ZooEntry:
+    """Add an entry to the registry (a model of your own that commands then take by name, as the zoo's).
+
+    Its architecture comes from ``entry.config_path`` (a config file) or ``entry.arch`` (a preset name). A name
+    already taken is a ValueError unless ``replace``.
+    """
+    if entry.name in REGISTRY and not replace:
+        raise ValueError(f"zoo entry {entry.name!r} already exists")
+    REGISTRY[entry.name] = entry
+    return entry
+
+
+def entry_config(entry: ZooEntry) -> Any:
+    """The model config (:class:`ldmcli.config.ModelConfig`) of a model entry: its own config file when it has one,
+    else its preset."""
+    from ldmcli import config
+
+    if entry.config_path is not None:
+        return config.load_config(Path(entry.config_path))
+    return config.load_config(entry.arch or entry.name)
 
 
 def expand(names_or_groups: list[str] | tuple[str, ...]) -> list[ZooEntry]:

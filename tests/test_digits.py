@@ -18,9 +18,9 @@ pytest.importorskip("sklearn")
 
 @pytest.fixture(scope="module")
 def model():
-    from ldmcli.loading import load_model
+    from ldmcli.loading import load
 
-    return load_model("digits")
+    return load("digits")
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +97,9 @@ def test_download_list_shows_the_builtin_model(cli):
 
 
 def test_load_model_offline(model):
-    cfg = model.ldm_config
+    cfg = model.config
     assert cfg.ldm.cond_stage.params.n_classes == 11 and cfg.ldm.image_size == 8
-    assert model.ckpt_path.name == "model.safetensors" and not model.training
+    assert model.ckpt_path.name == "model.safetensors" and not model.model.training
 
 
 def test_class_conditional_samples_are_the_digits_asked_for(model, classifier):
@@ -129,12 +129,12 @@ def test_package_model_ships_the_ema_weights_with_use_ema_off(tmp_path, model):
 
     from ldmcli import config as model_config
     from ldmcli.builtin import package_model
-    from ldmcli.loading import _ema_map, load_model
+    from ldmcli.loading import _ema_map, load
 
-    cfg = model.ldm_config
+    cfg = model.config
     with_ema = dataclasses.replace(cfg, model=dataclasses.replace(cfg.ldm, use_ema=True))
     net = model_config.build_model(with_ema)
-    raw = {k: v.clone() for k, v in model.state_dict().items()}
+    raw = {k: v.clone() for k, v in model.model.state_dict().items()}
     state = dict(net.state_dict())
     state.update(raw)
     for key, shadow in _ema_map(net, state).items():
@@ -148,8 +148,9 @@ def test_package_model_ships_the_ema_weights_with_use_ema_off(tmp_path, model):
     assert weights == tmp_path / "shipped" / "model.safetensors"
     shipped_cfg = yaml.safe_load((tmp_path / "shipped" / "config.yaml").read_text())
     assert shipped_cfg["diffusion"]["use_ema"] is False
-    again = load_model(weights)  # the safetensors carries its config
-    assert again.global_step == 7 and not again.ldm_config.use_ema
+    loaded = load(weights)  # the safetensors carries its config
+    assert loaded.global_step == 7 and not loaded.config.use_ema
+    again = loaded.model
     name = next(k for k in raw if k.startswith("model.diffusion_model.") and raw[k].is_floating_point())
     assert torch.equal(again.state_dict()[name], raw[name] + 0.25)  # the EMA weights, not the raw ones
     assert not any(k.startswith("model_ema.") for k in again.state_dict())

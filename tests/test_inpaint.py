@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ldmcli import inpaint as ip
+from ldmcli.pipelines.inpaint import SAMPLERS
+from ldmcli.sampling import SamplerSettings
 from ldmcli.errors import UsageError
 from ldmcli.examples import EXAMPLES, draw_mask, example_pairs, write_examples
 from tinymodels import install_tiny, write_tiny
@@ -139,12 +141,15 @@ def test_pad_to_multiple_reflects_and_keeps_the_original():
 
 
 def test_sampler_settings_are_checked_before_loading():
-    for args, words in [(("euler", 10, 0.0), "unknown sampler"), (("ddim", 0, 0.0), "at least 1"),
-                        (("ddim", 1001, 0.0), "at most 1000"), (("plms", 10, 0.5), "ddim sampler only"),
+    from ldmcli.pipelines.inpaint import check_settings
+    from ldmcli.sampling import SamplerSettings
+
+    for args, words in [(("euler", 10, 0.0), "unknown sampler"), (("ddim", 0, 0.0), "steps"),
+                        (("ddim", 1001, 0.0), "steps"), (("plms", 10, 0.5), "eta"),
                         (("ddim", 10, -1.0), "eta")]:
         with pytest.raises(UsageError, match=words):
-            ip.check_sampler(*args)
-    ip.check_sampler("dpmpp", 20, 0.0)
+            check_settings(SamplerSettings(*args, 1.0))
+    check_settings(SamplerSettings("dpmpp", 20, 0.0, 1.0))
 
 
 # ------------------------------------------------------------------------------------------------- examples
@@ -190,7 +195,7 @@ def test_pipeline_matches_upstream_steps(tiny_model):
     image, mask = _pair_arrays(16, 24)
     batch = ip.make_batch(image, mask)
     x_T = torch.randn((1, 3, 4, 6), generator=torch.Generator().manual_seed(3))
-    ours = ip.inpaint_batch(model, batch, steps=3, x_T=x_T)
+    ours = ip.inpaint_batch(model, batch, settings=SamplerSettings("ddim", 3, 0.0, 1.0), x_T=x_T)
 
     c = model.cond_stage_model.encode(batch["masked_image"])
     c = torch.cat((c, F.interpolate(batch["mask"], size=c.shape[-2:])), dim=1)
@@ -207,7 +212,7 @@ def test_pipeline_matches_upstream_steps(tiny_model):
 def test_any_size_keeps_unmasked_pixels(tiny_model, size):
     image, mask = _pair_arrays(*size)
     calls = []
-    out = ip.inpaint_array(tiny_model, image, mask, steps=2, generator=torch.Generator().manual_seed(0),
+    out = ip.inpaint_array(tiny_model, image, mask, settings=SamplerSettings("ddim", 2, 0.0, 1.0), generator=torch.Generator().manual_seed(0),
                            callback=lambda i, n: calls.append((i, n)))
     fill = mask >= 128
     assert out.shape == image.shape and out.dtype == np.uint8
@@ -218,16 +223,16 @@ def test_any_size_keeps_unmasked_pixels(tiny_model, size):
 
 def test_nothing_to_fill_returns_the_image(tiny_model):
     image, _ = _pair_arrays()
-    out = ip.inpaint_array(tiny_model, image, np.full(image.shape[:2], 127, np.uint8), steps=2)
+    out = ip.inpaint_array(tiny_model, image, np.full(image.shape[:2], 127, np.uint8), settings=SamplerSettings("ddim", 2, 0.0, 1.0))
     assert (out == image).all()
 
 
 def test_other_samplers_and_seeds(tiny_model):
     image, mask = _pair_arrays()
-    runs = {name: ip.inpaint_array(tiny_model, image, mask, steps=2, sampler=name,
-                                   generator=torch.Generator().manual_seed(1)) for name in ip.SAMPLERS}
-    again = ip.inpaint_array(tiny_model, image, mask, steps=2, generator=torch.Generator().manual_seed(1))
-    other = ip.inpaint_array(tiny_model, image, mask, steps=2, generator=torch.Generator().manual_seed(2))
+    runs = {name: ip.inpaint_array(tiny_model, image, mask, settings=SamplerSettings(name, 2, 0.0, 1.0),
+                                   generator=torch.Generator().manual_seed(1)) for name in SAMPLERS}
+    again = ip.inpaint_array(tiny_model, image, mask, settings=SamplerSettings("ddim", 2, 0.0, 1.0), generator=torch.Generator().manual_seed(1))
+    other = ip.inpaint_array(tiny_model, image, mask, settings=SamplerSettings("ddim", 2, 0.0, 1.0), generator=torch.Generator().manual_seed(2))
     assert (runs["ddim"] == again).all() and (runs["ddim"] != other).any()
     assert (runs["ddim"] != runs["dpmpp"]).any()
 
@@ -237,15 +242,18 @@ def test_interrupted_batch_keeps_finished_outputs(tiny_model, tmp_path):
         _write_pair(tmp_path / "in", name)
     pairs, _ = ip.find_pairs(tmp_path / "in", tmp_path / "out")
 
-    def interrupt_second(event: ip.InpaintEvent) -> None:
-        if event.kind == "step" and event.index == 1:
+    from ldmcli.pipelines.events import ItemStep
+    from ldmcli.pipelines.inpaint import inpaint_pairs
+
+    def interrupt_second(event) -> None:
+        if isinstance(event, ItemStep) and event.index == 1:
             raise KeyboardInterrupt
 
-    settings = ip.InpaintSettings(steps=2, seed=0)
+    settings = SamplerSettings("ddim", 2, 0.0, 1.0)
     with pytest.raises(KeyboardInterrupt):
-        ip.inpaint_pairs(tiny_model, pairs, settings, callback=interrupt_second)
+        inpaint_pairs(tiny_model, pairs, settings, seed=0, on_event=interrupt_second)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["a.png"]
-    report = ip.inpaint_pairs(tiny_model, pairs, settings)
+    report = inpaint_pairs(tiny_model, pairs, settings, seed=0)
     assert [Path(r["path"]).name for r in report.written] == ["b.png"] and report.skipped == pairs[:1]
 
 

@@ -150,7 +150,7 @@ def test_bad_input_fails_before_loading_the_model(cli, clip_dir, rdm, tmp_path, 
     def no_loading(*a, **k):
         raise AssertionError("the model must not be loaded for bad input")
 
-    monkeypatch.setattr(ldmcli.loading, "load_model", no_loading)
+    monkeypatch.setattr(ldmcli.loading, "load", no_loading)
     monkeypatch.chdir(tmp_path)
     make_db(paths.databases_dir() / "small", clustered(10, dim=DIM))
     make_db(paths.databases_dir() / "wrongdim", clustered(10, dim=32))

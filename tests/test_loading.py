@@ -15,7 +15,7 @@ from ldmcli import checkpoint as ckpt_io
 from ldmcli.devices import cpu_flags, cpu_has_native_bf16, pick_device, resolve_precision
 from ldmcli.errors import CheckpointError, UnknownModelError, UsageError
 from ldmcli.fileio import sha256_file
-from ldmcli.loading import checkpoint_sha256, load_model
+from ldmcli.loading import load, load_model
 from tinymodels import FAMILIES, install_bert_vocab, install_tiny, write_tiny
 
 EMA_FAMILIES = [f for f in FAMILIES if f != "txt2img"]
@@ -31,12 +31,14 @@ def test_every_family_loads_strictly_with_ema_weights(family, tmp_path):
     if family == "txt2img":
         install_bert_vocab()
     saved = _saved(files.ckpt)
-    model = load_model(files.config, ckpt=files.ckpt)
+    loaded = load(files.config, ckpt=files.ckpt)
+    model = loaded.model
     assert not model.training
     assert not any(p.requires_grad for p in model.parameters())
-    assert model.global_step == 77 and model.ckpt_path == files.ckpt and model.ldm_config is not None
+    assert loaded.global_step == 77 and loaded.ckpt_path == files.ckpt and loaded.config is not None
+    assert not hasattr(model, "ldm_config") and not hasattr(model, "ckpt_path")  # nothing hung on the module
     uses_ema = family in EMA_FAMILIES
-    assert model.uses_ema_weights is uses_ema
+    assert loaded.uses_ema_weights is uses_ema
     sd = model.state_dict()
     for key, value in sd.items():
         if uses_ema and key.startswith("model."):
@@ -55,8 +57,9 @@ def test_every_family_loads_strictly_with_ema_weights(family, tmp_path):
 def test_raw_weights_with_ema_false(tmp_path):
     files = write_tiny("cin", tmp_path)
     saved = _saved(files.ckpt)
-    model = load_model(files.config, ckpt=files.ckpt, ema=False)
-    assert model.uses_ema_weights is False
+    loaded = load(files.config, ckpt=files.ckpt, ema=False)
+    model = loaded.model
+    assert loaded.uses_ema_weights is False
     assert not any(p.requires_grad for n, p in model.named_parameters() if not n.startswith("model."))
     key = next(k for k in saved if k.startswith("model.diffusion_model.") and k.endswith("weight"))
     assert torch.equal(model.state_dict()[key], saved[key])
@@ -64,8 +67,8 @@ def test_raw_weights_with_ema_false(tmp_path):
     with model.ema_scope():  # upstream behaviour is kept: the scope swaps the shadows in
         assert torch.equal(model.state_dict()[key], saved[shadow])
     assert torch.equal(model.state_dict()[key], saved[key])
-    folder = load_model(files.folder, ema=False)  # upstream's layout: <dir>/config.yaml + <dir>/model.ckpt
-    assert folder.ckpt_path == files.ckpt and torch.equal(folder.state_dict()[key], saved[key])
+    folder = load(files.folder, ema=False)  # upstream's layout: <dir>/config.yaml + <dir>/model.ckpt
+    assert folder.ckpt_path == files.ckpt and torch.equal(folder.model.state_dict()[key], saved[key])
 
 
 def test_checkpoint_without_ema_needs_ema_false(tmp_path):
@@ -74,8 +77,9 @@ def test_checkpoint_without_ema_needs_ema_false(tmp_path):
     torch.save({"state_dict": sd}, tmp_path / "noema.ckpt")
     with pytest.raises(CheckpointError, match="ema=False"):
         load_model(files.config, ckpt=tmp_path / "noema.ckpt")
-    model = load_model(files.config, ckpt=tmp_path / "noema.ckpt", ema=False)
-    assert model.global_step is None
+    loaded = load(files.config, ckpt=tmp_path / "noema.ckpt", ema=False)
+    model = loaded.model
+    assert loaded.global_step is None
     assert not hasattr(model, "model_ema")
 
 
@@ -117,7 +121,7 @@ def test_zoo_load_writes_safetensors_copy_and_uses_it(monkeypatch):
     files = install_tiny("cin", monkeypatch)
     sidecar = files.folder / "model.safetensors"
     messages: list[str] = []
-    first = load_model("tiny-cin", callback=messages.append)
+    first = load("tiny-cin", callback=messages.append)
     assert sidecar.is_file() and any("model.safetensors" in m for m in messages)
     assert first.ckpt_sha256 == sha256_file(files.ckpt)
     meta = ckpt_io.load_safetensors(sidecar).metadata
@@ -130,21 +134,21 @@ def test_zoo_load_writes_safetensors_copy_and_uses_it(monkeypatch):
         raise AssertionError("the .ckpt pickle was read although a safetensors copy exists")
 
     monkeypatch.setattr(torch, "load", no_pickles)
-    second = load_model("tiny-cin")
+    second = load("tiny-cin")
     assert second.ckpt_path == sidecar and second.global_step == files.global_step
     assert second.ckpt_sha256 == first.ckpt_sha256
-    for (k1, v1), (k2, v2) in zip(first.state_dict().items(), second.state_dict().items()):
+    for (k1, v1), (k2, v2) in zip(first.model.state_dict().items(), second.model.state_dict().items()):
         assert k1 == k2 and torch.equal(v1, v2)
-    alone = load_model(sidecar)  # our safetensors carry their config: no config file needed
+    alone = load(sidecar)  # our safetensors carry their config: no config file needed
     assert alone.global_step == files.global_step
     monkeypatch.setattr(torch, "load", real_load)
 
     # a replaced .ckpt makes the copy stale: it is converted again
     write_tiny("cin", files.folder, seed=1)
-    third = load_model("tiny-cin")
+    third = load("tiny-cin")
     assert third.ckpt_path == files.ckpt
-    assert not torch.equal(third.state_dict()["model.diffusion_model.out.2.bias"],
-                           second.state_dict()["model.diffusion_model.out.2.bias"])
+    assert not torch.equal(third.model.state_dict()["model.diffusion_model.out.2.bias"],
+                           second.model.state_dict()["model.diffusion_model.out.2.bias"])
     assert ckpt_io.load_safetensors(sidecar).metadata["ldmcli.source"] == ckpt_io.source_fingerprint(files.ckpt)
 
 
@@ -155,9 +159,9 @@ def test_text_model_through_zoo_and_lazy_sha(monkeypatch, tmp_path):
     assert model.cond_stage_model.transformer.token_emb.weight.dtype == torch.bfloat16
     assert model.betas.dtype == torch.float32  # the schedule stays float32
     files = write_tiny("uncond", tmp_path)
-    plain = load_model(files.config, ckpt=files.ckpt)
+    plain = load(files.config, ckpt=files.ckpt)
     assert plain.ckpt_sha256 is None
-    assert checkpoint_sha256(plain) == sha256_file(files.ckpt) == plain.ckpt_sha256
+    assert plain.sha256() == sha256_file(files.ckpt) == plain.ckpt_sha256
 
 
 def test_python_api_export():

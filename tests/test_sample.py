@@ -88,7 +88,7 @@ def test_resume_a_train_ldm_run_folder_or_checkpoint(cli, tmp_path, monkeypatch)
 
 
 def test_vanilla_sample_runs_the_full_ddpm_chain(cli, monkeypatch, tmp_path):
-    from ldmcli import generate
+    from ldmcli.pipelines import generation as generate
     from ldmcli.sampling import settings as sampling_settings
 
     seen = {}
@@ -110,7 +110,7 @@ def test_vanilla_sample_runs_the_full_ddpm_chain(cli, monkeypatch, tmp_path):
 BAD = [
     (["tiny-cin", "--class", "10"], "out of range"),  # 10 is the null class
     (["tiny-cin", "--class", "-1"], "out of range"),
-    (["tiny-cin"], "--class"),
+    (["tiny-cin", "--scale", "3"], "no class given"),  # no class: unconditional (null class), without guidance
     (["tiny-uncond", "--class", "1"], "unconditional"),
     (["tiny-uncond", "--scale", "2"], "unconditional"),
     (["cin256", "--class", "1", "--scale", "3"], "null class"),  # upstream cin256 has 1000 classes, none null
@@ -146,7 +146,7 @@ def test_bad_input_is_a_one_line_usage_error_before_loading(cli, config_dir, mon
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(ldmcli.loading, "load_model", no_loading)
+    monkeypatch.setattr(ldmcli.loading, "load", no_loading)
     (tmp_path / "empty").mkdir()
     subs = {"{run}": str(tmp_path), "{missing}": str(tmp_path / "missing"), "{empty}": str(tmp_path / "empty")}
     r = cli("sample", *[subs.get(a, a) for a in args], "--logdir", tmp_path / "out")

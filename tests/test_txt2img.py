@@ -37,7 +37,7 @@ def register_config_only(monkeypatch, config_dir: Path, family: str) -> Path:
     entry = zoo.ZooEntry(name=name, kind="ldm", dest=f"models/ldm/{name}",
                          files=(zoo.ZooFile(f"https://example.invalid/{name}/model.ckpt", "model.ckpt"),),
                          contents=("model.ckpt",), checkpoint="model.ckpt",
-                         config=str(config_dir / f"{family}.yaml"), description=f"tiny {family} config for tests")
+                         config_path=str(config_dir / f"{family}.yaml"), description=f"tiny {family} config for tests")
     monkeypatch.setitem(zoo.REGISTRY, name, entry)
     return config_dir / f"{family}.yaml"
 
@@ -143,7 +143,7 @@ def test_config_and_ckpt_paths(cli, tmp_path):
 
 
 def test_ctrl_c_keeps_finished_images(cli, tiny, tmp_path, monkeypatch):
-    from ldmcli import generate
+    from ldmcli.pipelines import generation as generate
 
     calls = {"n": 0}
     original = generate.sample_latents
@@ -168,7 +168,7 @@ def test_ctrl_c_keeps_finished_images(cli, tiny, tmp_path, monkeypatch):
 
 def test_progress_bar_on_a_terminal(cli, tiny, tmp_path, monkeypatch):
     """On a terminal: one bar over all steps of the run (2 batches x 3 steps) with images/s, on stderr."""
-    import ldmcli.commands.txt2img as command
+    import ldmcli.commands._render as command
 
     monkeypatch.setattr(command, "is_interactive", lambda: True)
     r = cli("txt2img", "a cat", "--model", "tiny-txt2img", "--n_samples", "1", "--n_iter", "2", "--outdir",
@@ -221,7 +221,7 @@ def test_bad_input_is_a_one_line_usage_error_before_loading(cli, config_dir, tmp
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(ldmcli.loading, "load_model", no_loading)
+    monkeypatch.setattr(ldmcli.loading, "load", no_loading)
     (tmp_path / "empty.txt").write_text("\n  \n", encoding="utf-8")
     subs = {"{empty}": str(tmp_path / "empty.txt"), "{missing}": str(tmp_path / "missing.txt"),
             "{config}": str(text_config)}

@@ -305,7 +305,7 @@ def install_tiny(family: str, monkeypatch, *, name: str | None = None, seed: int
         description=f"tiny random-weight {family} model for tests",
     )
     files = write_tiny(family, entry.local_dir(), seed=seed, **write_kwargs)
-    entry = zoo.ZooEntry(**{**entry.__dict__, "config": str(files.config)})
+    entry = zoo.ZooEntry(**{**entry.__dict__, "config_path": str(files.config)})
     monkeypatch.setitem(zoo.REGISTRY, name, entry)
     if family in TEXT_FAMILIES:
         install_bert_vocab()

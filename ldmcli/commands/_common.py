@@ -9,6 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from ldmcli.errors import UsageError
+
 
 def stderr_console() -> Console:
     """Progress and messages go to stderr so stdout stays clean for ``--json``."""
@@ -92,3 +94,25 @@ RecordExamplesOption = Annotated[bool, typer.Option("--record-examples", help="W
                                                     "process trained on.")]
 LogdirOption = Annotated[Path, typer.Option("--logdir", "-l", help="Where run folders are created.")]
 RunNameOption = Annotated[Optional[str], typer.Option("--name", "-n", help="Run name (default: the config's).")]
+
+
+def pick_sampler(sampler: Optional[str], plms: bool, vanilla: bool = False) -> str:
+    """``--sampler`` with upstream's ``--plms`` / ``--vanilla_sample`` flags as shorthands (conflicts are errors)."""
+    chosen = sampler.strip().lower() if sampler is not None else None
+    for flag, name, given in (("--plms", "plms", plms), ("--vanilla_sample", "ddpm", vanilla)):
+        if given:
+            if chosen is not None and chosen != name:
+                raise UsageError(f"{flag} conflicts with --sampler {chosen}")
+            chosen = name
+    return chosen or "ddim"
+
+
+def check_config_ckpt(config: Optional[Path], ckpt: Optional[Path]) -> None:
+    """``--config`` needs ``--ckpt``, and both must exist (checked before anything else)."""
+    if config is not None:
+        if not Path(config).is_file():
+            raise UsageError(f"--config: file not found: {config}")
+        if ckpt is None:
+            raise UsageError("--config needs --ckpt (the checkpoint to load with it)")
+    if ckpt is not None and not Path(ckpt).is_file():
+        raise UsageError(f"--ckpt: file not found: {ckpt}")

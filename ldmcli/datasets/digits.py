@@ -112,7 +112,7 @@ def classify(classifier: Any, images: np.ndarray) -> np.ndarray:
 
 
 def sample_images(
-    model: Any,
+    loaded: Any,
     labels: Sequence[int],
     *,
     seed: int = 0,
@@ -130,12 +130,12 @@ def sample_images(
     import torch
 
     from ldmcli.fastpath import decode_latents, inference_context
-    from ldmcli.generate import class_range
+    from ldmcli.pipelines.generation import class_range
     from ldmcli.sampling import SamplerSettings, sample_latents
     from ldmcli.output import to_uint8
     from ldmcli.sampling import DiscreteSchedule
 
-    cfg = model.ldm_config
+    model, cfg = loaded.model, loaded.config
     settings = SamplerSettings(sampler, steps, eta, scale)
     settings.validate(model.num_timesteps)
     _, null = class_range(cfg)
@@ -162,30 +162,30 @@ def sample_images(
     return np.concatenate(out)
 
 
-def conditional_accuracy(model: Any, classifier: Any, per_class: int, **sampling: Any) -> tuple[float, np.ndarray]:
+def conditional_accuracy(loaded: Any, classifier: Any, per_class: int, **sampling: Any) -> tuple[float, np.ndarray]:
     """Sample ``per_class`` images of each real class; the fraction the classifier labels with the asked class, and
     the per-class fractions (``sampling``: :func:`sample_images` options)."""
-    from ldmcli.generate import class_range
+    from ldmcli.pipelines.generation import class_range
 
-    n_real, _ = class_range(model.ldm_config)
+    n_real, _ = class_range(loaded.config)
     asked = np.repeat(np.arange(n_real), per_class)
-    got = classify(classifier, sample_images(model, asked.tolist(), **sampling))
+    got = classify(classifier, sample_images(loaded, asked.tolist(), **sampling))
     per = np.array([(got[asked == c] == c).mean() for c in range(n_real)])
     return float((got == asked).mean()), per
 
 
-def class_histogram(model: Any, classifier: Any, n: int, **sampling: Any) -> np.ndarray:
+def class_histogram(loaded: Any, classifier: Any, n: int, **sampling: Any) -> np.ndarray:
     """Classify ``n`` samples of the null class (the unconditional model ``--cond-drop`` trained): counts per class."""
-    from ldmcli.generate import class_range
+    from ldmcli.pipelines.generation import class_range
 
-    n_real, null = class_range(model.ldm_config)
+    n_real, null = class_range(loaded.config)
     if null is None:
         raise UsageError("this model has no null class: it cannot sample unconditionally")
-    got = classify(classifier, sample_images(model, [null] * n, **{**sampling, "scale": 1.0}))
+    got = classify(classifier, sample_images(loaded, [null] * n, **{**sampling, "scale": 1.0}))
     return np.bincount(got, minlength=n_real)
 
 
-def sampler_errors(model: Any, n: int = 16, *, seed: int = 0, dpmpp_steps: int = 20, ddim_steps: int = 50,
+def sampler_errors(loaded: Any, n: int = 16, *, seed: int = 0, dpmpp_steps: int = 20, ddim_steps: int = 50,
                    callback: Callable[[str], None] | None = None) -> dict[str, float]:
     """How closely DPM-Solver++(2M) with ``dpmpp_steps`` and DDIM (eta 0) with ``ddim_steps`` follow the DDIM
     solution through every timestep ("1000-step DDIM"), from one fixed ``x_T`` (``n`` images of classes 0, 1, ...,
@@ -199,12 +199,12 @@ def sampler_errors(model: Any, n: int = 16, *, seed: int = 0, dpmpp_steps: int =
     import torch
 
     from ldmcli.fastpath import decode_latents, inference_context
-    from ldmcli.generate import class_range
+    from ldmcli.pipelines.generation import class_range
     from ldmcli.sampling import (DiscreteSchedule, ddim_timesteps, dpmpp_timesteps, model_denoiser, sample_ddim,
                                  sample_dpmpp_2m)
     from ldmcli.sampling.accuracy import solver_errors
 
-    cfg = model.ldm_config
+    model, cfg = loaded.model, loaded.config
     n_real, _ = class_range(cfg)
     shape = (cfg.ldm.channels, cfg.ldm.image_size, cfg.ldm.image_size)
     key = getattr(model, "cond_stage_key", "class_label")

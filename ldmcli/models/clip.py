@@ -31,14 +31,16 @@ CONTEXT_LENGTH = 77
 
 
 def resolve_clip_dir(path: str | os.PathLike | None = None) -> Path:
-    """An explicit folder, else the store's CLIP ViT-L/14 asset (fetched if missing)."""
+    """An explicit folder, else the CLIP ViT-L/14 asset in the data dir (the pipelines download it through the store
+    first; the networks never download)."""
     if path is None:
-        from ldmcli import store  # imported late: the store pulls in the download machinery
+        from ldmcli import paths
 
-        path = store.ensure(CLIP_ASSET)
+        path = paths.data_dir() / "assets" / CLIP_ASSET
     folder = Path(path)
     if not (folder / "config.json").is_file():
-        raise LdmError(f"no CLIP model at {folder} (expected a transformers folder with config.json)")
+        hint = f" (run 'ldm download {CLIP_ASSET}')" if Path(folder).name == CLIP_ASSET else ""
+        raise LdmError(f"no CLIP model at {folder} (expected a transformers folder with config.json){hint}")
     return folder
 
 

@@ -46,11 +46,12 @@ def read_vocab(path: str | os.PathLike) -> dict[str, int]:
 
 
 def _resolve_vocab(vocab_path: str | os.PathLike | None) -> Path:
-    """An explicit vocab path (a file, or a folder holding ``vocab.txt``), else the data store's bert-base-uncased."""
+    """An explicit vocab path (a file, or a folder holding ``vocab.txt``), else bert-base-uncased in the data dir
+    (:func:`ldmcli.loading.load` downloads it before building a text model; the networks never download)."""
     if vocab_path is None:
-        from ldmcli import store  # imported late: the store pulls in the download machinery
+        from ldmcli import paths
 
-        vocab_path = store.asset_path(BERT_ASSET)
+        vocab_path = paths.data_dir() / "assets" / BERT_ASSET
     path = Path(vocab_path)
     if path.is_dir():
         path = path / "vocab.txt"

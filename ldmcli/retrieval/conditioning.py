@@ -45,7 +45,7 @@ def rdm_conditioning(query: torch.Tensor, *, retriever: Retriever | None = None,
 
 
 class RdmConditioner:
-    """The conditioner of an ``ldm knn2img`` run for :func:`ldmcli.generate.generate`: each job's items are prompts
+    """The conditioner of an ``ldm knn2img`` run for :func:`ldmcli.pipelines.generation.generate`: each job's items are prompts
     (CLIP text embeddings) or image files (CLIP image embeddings); each distinct item is encoded, and searched for
     neighbours, once per run. ``neighbours_of(item)`` gives the neighbours' ``img_id`` for the image records."""
 

@@ -1,4 +1,4 @@
-"""The library behind ``ldm txt2img`` and ``ldm sample``: plan the images of a run, condition, sample, decode, write.
+"""The generation core every image-making pipeline shares: plan the images of a run, condition, sample, decode, write.
 
 A run is a list of *items* (one per image of an iteration: a prompt, a class id, or None for unconditional models)
 cut into batches and repeated ``n_iter`` times, as upstream's scripts do. Every image has its own seed,
@@ -9,7 +9,7 @@ the ranks (:func:`distributed`); seeds do not change with the number of ranks.
 
 The conditioner runs once per distinct prompt (and the unconditional "" once per run). Files are written per batch as
 soon as they are decoded (:mod:`ldmcli.output`), so an interrupted run keeps every image it finished. Progress goes
-through ``callback(GenerationEvent)``; nothing here prints.
+through ``on_event`` (:mod:`ldmcli.pipelines.events`); nothing here prints.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ import numpy as np
 import torch
 
 from ldmcli import __version__, paths
-from ldmcli.errors import UsageError
+from ldmcli.errors import RequestError, UsageError
 from ldmcli.fileio import atomic_write_text, sha256_file
 from ldmcli.output import ImageWriter, WrittenFile, to_uint8
+from ldmcli.pipelines.events import EventHandler, FileWritten, Message, Started, Step, downloads, ignore, messages
 from ldmcli.sampling import DiscreteSchedule, SamplerSettings, SamplerStep, sample_latents
 
 MAX_SEED = 2**63 - 1
@@ -240,19 +241,6 @@ def cached_sha256(path: str | os.PathLike, known: str | None = None) -> str | No
 # ----------------------------------------------------------------------------------------------------------- run
 
 
-@dataclass(frozen=True)
-class GenerationEvent:
-    """Progress of a run: once before the first batch (``kind="start"``), after every sampler step (``"step"``) and
-    after every written file (``"file"``)."""
-
-    kind: str
-    steps_done: int
-    steps_total: int
-    images_done: int
-    images_total: int
-    file: WrittenFile | None = None
-
-
 @dataclass
 class GenerationResult:
     files: list[WrittenFile] = field(default_factory=list)
@@ -277,7 +265,8 @@ def generate(
     grid_per_row: int | None = None,
     device: torch.device | str = "cpu",
     decode_tile: int | None = None,
-    callback: Callable[[GenerationEvent], None] | None = None,
+    on_event: EventHandler = ignore,
+    seed: int = 0,
 ) -> GenerationResult:
     """Sample, decode and write every job's images (one PNG each, with ``metadata(job, k)``), then one grid of the
     run's images (``grid_per_row`` to a row; None: no grid). ``shape`` is the latent (C, H, W)."""
@@ -294,10 +283,13 @@ def generate(
     done_steps = 0
 
     def emit(kind: str, file: WrittenFile | None = None) -> None:
-        if callback is not None:
-            callback(GenerationEvent(kind, done_steps, steps_total, result.images, images_total, file))
+        if kind == "file":
+            on_event(FileWritten(file, done_steps, steps_total, result.images, images_total))
+        else:
+            on_event(Step(done_steps, steps_total, result.images, images_total))
 
-    emit("start")
+    result.seed = seed
+    on_event(Started(steps_total, images_total, seed))
     with inference_context():
         for job in jobs:
             generators = [torch.Generator("cpu").manual_seed(s) for s in job.seeds]
@@ -329,13 +321,14 @@ def generate(
     return result
 
 
-def base_metadata(model: Any, model_name: str, settings: SamplerSettings, dtype: torch.dtype) -> dict[str, Any]:
-    """Settings shared by every image of a run: model, checkpoint, sampler and software version."""
-    schedule = DiscreteSchedule.from_model(model)
+def base_metadata(loaded: Any, settings: SamplerSettings, dtype: torch.dtype) -> dict[str, Any]:
+    """Settings shared by every image of a run (``loaded``: :class:`ldmcli.loading.Loaded`): model, checkpoint,
+    sampler and software version."""
+    schedule = DiscreteSchedule.from_model(loaded.model)
     return {
-        "model": model_name,
-        "checkpoint": str(getattr(model, "ckpt_path", "") or ""),
-        "checkpoint_sha256": cached_sha256(getattr(model, "ckpt_path", ""), getattr(model, "ckpt_sha256", None)),
+        "model": loaded.name,
+        "checkpoint": str(loaded.ckpt_path),
+        "checkpoint_sha256": cached_sha256(loaded.ckpt_path, loaded.ckpt_sha256),
         "sampler": settings.sampler,
         "steps": settings.steps if settings.sampler != "ddpm" else schedule.num_timesteps,
         "sampler_steps": settings.num_steps(schedule),
@@ -349,96 +342,17 @@ def base_metadata(model: Any, model_name: str, settings: SamplerSettings, dtype:
 # ------------------------------------------------------------------------------------------ models and validation
 
 
-@dataclass(frozen=True)
-class ModelSource:
-    """What to load: ``target`` (zoo name, config path or run folder) and ``ckpt`` for :func:`load_model`, the config
-    read without loading weights (None for a ``.safetensors`` that carries its own), and a name for the records."""
-
-    target: str
-    ckpt: Path | None
-    config: Any
-    name: str
-
-
-def _read_config(path: Path) -> Any:
-    from ldmcli import config
-
-    return config.load_config(path)
-
-
-def resolve_model(model: str | None, config_path: Path | None = None, ckpt: Path | None = None) -> ModelSource:
-    """Resolve ``--model NAME`` or ``--config FILE --ckpt FILE`` to a :class:`ModelSource`, reading only the config
-    (an unknown zoo name, a missing file or a config without checkpoint is a UsageError here, before any loading)."""
-    from ldmcli import zoo
-
-    if config_path is not None:
-        if not Path(config_path).is_file():
-            raise UsageError(f"--config: file not found: {config_path}")
-        if ckpt is None:
-            raise UsageError("--config needs --ckpt (the checkpoint to load with it)")
-        if not Path(ckpt).is_file():
-            raise UsageError(f"--ckpt: file not found: {ckpt}")
-        return ModelSource(str(config_path), Path(ckpt), _read_config(Path(config_path)), str(ckpt))
-    if model is None:
-        raise UsageError("name a model (a zoo name) or pass --config and --ckpt")
-    if ckpt is not None:
-        if not Path(ckpt).is_file():
-            raise UsageError(f"--ckpt: file not found: {ckpt}")
-    path = Path(model).expanduser()
-    if path.suffix == ".safetensors" and path.is_file():
-        return ModelSource(str(path), None, None, str(path))
-    if path.is_dir() or path.suffix in (".ckpt", ".yaml", ".yml", ".json") or "/" in model:
-        return resolve_run(path)
-    entry = zoo.get(model)  # UnknownModelError (exit 2) for a name not in the zoo
-    if entry.checkpoint is None:
-        raise UsageError(f"{entry.name} is a {entry.kind.replace('_', ' ')}, not a diffusion model")
-    from ldmcli import config
-
-    if entry.config and Path(entry.config).is_absolute():
-        cfg = config.load_config(entry.config)
-    else:
-        cfg = config.load_config(entry.arch or entry.name)
-    return ModelSource(entry.name, ckpt, cfg, entry.name)
-
-
-def resolve_run(path: str | os.PathLike) -> ModelSource:
-    """``-r/--resume`` as upstream's sample_diffusion.py: a checkpoint file (its config is ``config.yaml`` beside it
-    or one folder up, as ``ldm train-ldm`` writes them) or a folder holding ``config.yaml`` and ``model.ckpt``
-    (or ``model.safetensors``, ``checkpoints/last.ckpt``)."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise UsageError(f"cannot find {path}")
-    if path.is_dir():
-        folder = path
-        candidates = [folder / n for n in ("model.safetensors", "model.ckpt", "last.ckpt")]
-        candidates.append(folder / "checkpoints" / "last.ckpt")
-        ckpt = next((c for c in candidates if c.is_file()), None)
-        if ckpt is None:
-            raise UsageError(f"{path} holds no model.ckpt (nor model.safetensors or checkpoints/last.ckpt)")
-        configs = [folder / "config.yaml", ckpt.parent / "config.yaml"]
-    else:
-        if path.suffix in (".yaml", ".yml", ".json"):
-            raise UsageError(f"{path} is a config: pass --config {path} --ckpt CHECKPOINT")
-        ckpt = path
-        configs = [path.parent / "config.yaml", path.parent.parent / "config.yaml"]
-    config_file = next((c for c in configs if c.is_file()), None)
-    if config_file is None:
-        if ckpt.suffix == ".safetensors":
-            return ModelSource(str(ckpt), None, None, str(path))
-        raise UsageError(f"no config.yaml next to {ckpt} (or one folder up)")
-    return ModelSource(str(config_file), ckpt, _read_config(config_file), str(path))
-
 
 def check_image_size(cfg: Any, height: int, width: int, name: str) -> tuple[int, int, int]:
     """The latent shape (C, H/f, W/f) for an image of ``height`` x ``width``, which must be a multiple of the
     downsampling factor f times the UNet's total downsampling (sizes above the training size run convolutionally)."""
     if height < 1 or width < 1:
-        raise UsageError(f"--H and --W must be positive, got {height}x{width}")
+        raise RequestError("size", f"size must be positive, got {height}x{width}")
     f = cfg.downsampling_factor
     levels = 2 ** (len(cfg.ldm.unet.channel_mult) - 1)
     if height % (f * levels) or width % (f * levels):
-        raise UsageError(f"--H and --W must be multiples of {f * levels} for {name} (downsampling factor {f}, "
-                         f"{levels}x inside the UNet), got {height}x{width}")
+        raise RequestError("size", f"size must be multiples of {f * levels} for {name} (downsampling factor {f}, "
+                           f"{levels}x inside the UNet), got {height}x{width}")
     return cfg.latent_channels, height // f, width // f
 
 
@@ -449,3 +363,72 @@ def class_range(cfg: Any) -> tuple[int, int | None]:
     if n == 1000:
         return 1000, None
     return n - 1, n - 1
+
+
+def check_counts(counts: Sequence[tuple[str, int]], n_rows: int = 0, seed: int | None = None) -> None:
+    """The cheap checks every generation request needs: each ``(field, count)`` at least 1, ``n_rows`` not
+    negative, ``seed`` in the range the generator takes."""
+    for name, value in counts:
+        if value < 1:
+            raise RequestError(name, f"{name} must be at least 1, got {value}")
+    if n_rows < 0:
+        raise RequestError("n_rows", f"n_rows must be >= 0, got {n_rows}")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise RequestError("seed", f"seed must be between 0 and {MAX_SEED}, got {seed}")
+
+
+def check_settings(settings: SamplerSettings, num_timesteps: int = 1000) -> None:
+    """The sampler settings' own checks (``ValueError``) as a request error on the field they concern."""
+    try:
+        settings.validate(num_timesteps)
+    except ValueError as e:
+        text = str(e)
+        field_name = next((f for f in ("steps", "eta", "scale") if text.startswith(f)), "sampler")
+        raise RequestError(field_name, text) from None
+
+
+def read_prompt_file(path: str | os.PathLike) -> list[str]:
+    """Prompts from a file: one per non-empty line (an unreadable or empty file is a request error)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise RequestError("from_file", f"from_file: cannot read {path}: {reason}") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise RequestError("from_file", f"from_file: {path} holds no prompts")
+    return prompts
+
+
+def load_for_sampling(source: Any, device: torch.device, dtype: torch.dtype, on_event: EventHandler, *,
+                      compile: bool = False) -> Any:
+    """:func:`ldmcli.loading.load` on the CPU, then the inference fast path (``dtype``, layout, packed weights;
+    ``compile``) onto ``device``; returns the :class:`ldmcli.loading.Loaded`."""
+    from ldmcli.fastpath import prepare_for_inference
+    from ldmcli.loading import load
+
+    on_event(Message(f"loading {source.name}"))
+    loaded = load(source, callback=messages(on_event), progress=downloads(on_event))
+    prepare_for_inference(loaded.model, dtype=dtype, device=device, compile=compile, callback=messages(on_event))
+    return loaded
+
+
+def model_device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def require_diffusion(cfg: Any, name: str) -> None:
+    if cfg.ldm is None:
+        raise UsageError(f"{name} is a first stage (autoencoder), not a diffusion model")
+
+
+def run_images(loaded: Any, jobs: Sequence[Job], *, conditioner: Conditioner, shape: Sequence[int],
+               settings: SamplerSettings, outdir: Path, metadata: MetadataFn, grid_metadata: Mapping[str, Any],
+               grid_per_row: int | None, decode_tile: int | None, on_event: EventHandler,
+               seed: int) -> GenerationResult:
+    """:func:`generate` with an :class:`ImageWriter` on ``outdir`` and the run's seed recorded in the result."""
+    result = generate(loaded.model, jobs, conditioner=conditioner, shape=shape, settings=settings,
+                      writer=ImageWriter(outdir), metadata=metadata, grid_metadata=grid_metadata,
+                      grid_per_row=grid_per_row, device=model_device(loaded.model), decode_tile=decode_tile,
+                      on_event=on_event, seed=seed)
+    return result

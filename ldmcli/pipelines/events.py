@@ -1,0 +1,133 @@
+"""The typed events a pipeline reports while it runs. Pipelines never print: they call ``on_event(event)`` with one of
+these, and whoever called them decides what to show (``ldm`` renders them with rich on a terminal, plain lines in a
+log, JSON records with ``--json``; a Python caller may ignore them or collect them).
+
+Generation runs (txt2img, sample, knn2img, upscale of one image) report :class:`Started`, :class:`Step` and
+:class:`FileWritten`; batch runs over input files (inpaint, upscale ``--indir``) report one :class:`ItemStarted` /
+:class:`ItemStep` / :class:`ItemDone` | :class:`ItemSkipped` | :class:`ItemFailed` sequence per input. Any stage
+may report :class:`Message` lines (loading, converting) and :class:`DownloadProgress`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Union
+
+from ldmcli.output import WrittenFile
+
+
+@dataclass(frozen=True)
+class Message:
+    """A stage line: "loading txt2img-f8-large", "writing model.safetensors", a conversion note."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class DownloadProgress:
+    """The store's download progress: ``done`` of ``total`` bytes (None: unknown) of ``label``."""
+
+    done: int
+    total: int | None
+    label: str
+
+
+@dataclass(frozen=True)
+class Started:
+    """A generation run begins: how many sampler steps and images it will take (this process's share), and the
+    run's seed (recorded in every image)."""
+
+    steps_total: int
+    images_total: int
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Step:
+    """After every sampler step of a generation run."""
+
+    steps_done: int
+    steps_total: int
+    images_done: int
+    images_total: int
+
+
+@dataclass(frozen=True)
+class FileWritten:
+    """A file is complete under its final name (a sample or a grid)."""
+
+    file: WrittenFile
+    steps_done: int
+    steps_total: int
+    images_done: int
+    images_total: int
+
+
+@dataclass(frozen=True)
+class ItemStarted:
+    """Input ``index`` (0-based) of ``total`` of a batch run begins."""
+
+    index: int
+    total: int
+    name: str
+
+
+@dataclass(frozen=True)
+class ItemStep:
+    """Sampler step ``step`` of ``steps`` of the current input."""
+
+    index: int
+    total: int
+    step: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class ItemDone:
+    """The output of input ``index`` is written (``record``: what ``--json`` reports for it)."""
+
+    index: int
+    total: int
+    output: Path
+    seconds: float
+    record: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ItemSkipped:
+    """Input ``index`` was not run: its output exists (resumable batches)."""
+
+    index: int
+    total: int
+    output: Path
+    reason: str
+
+
+@dataclass(frozen=True)
+class ItemFailed:
+    """Input ``index`` failed; the batch goes on. ``message`` is one line naming the file."""
+
+    index: int
+    total: int
+    path: Path
+    message: str
+
+
+Event = Union[Message, DownloadProgress, Started, Step, FileWritten, ItemStarted, ItemStep, ItemDone, ItemSkipped,
+              ItemFailed]
+EventHandler = Callable[[Event], None]
+
+
+def ignore(event: Event) -> None:
+    """The default handler: report nothing."""
+
+
+def messages(on_event: EventHandler) -> Callable[[str], None]:
+    """A ``callback(text)`` (what :func:`ldmcli.loading.load` takes) that reports :class:`Message` events."""
+    return lambda text: on_event(Message(text))
+
+
+def downloads(on_event: EventHandler) -> Callable[[int, int | None, str], None]:
+    """A ``progress(done, total, label)`` (what the store takes) that reports :class:`DownloadProgress` events."""
+    return lambda done, total, label: on_event(DownloadProgress(done, total, label))
