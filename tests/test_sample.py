@@ -88,18 +88,20 @@ def test_resume_a_train_ldm_run_folder_or_checkpoint(cli, tmp_path, monkeypatch)
 
 
 def test_vanilla_sample_runs_the_full_ddpm_chain(cli, monkeypatch, tmp_path):
+    from dataclasses import replace
+
     from ldmcli.pipelines import generation as generate
-    from ldmcli.sampling import settings as sampling_settings
+    from ldmcli.sampling import SAMPLERS
 
     seen = {}
 
-    def fake_ddpm(eps, x, schedule, **kwargs):
-        seen["steps"] = schedule.num_timesteps
+    def fake_ddpm(eps, x, schedule, grid, **kwargs):
+        seen["steps"] = len(grid) - 1
         for i in range(3):
             kwargs["callback"](generate.SamplerStep(i, 1000, 999 - i, x, x))
         return x
 
-    monkeypatch.setattr(sampling_settings, "sample_ddpm", fake_ddpm)
+    monkeypatch.setitem(SAMPLERS, "ddpm", replace(SAMPLERS["ddpm"], sample_fn=fake_ddpm))
     install_tiny("uncond", monkeypatch)
     r = cli("sample", "tiny-uncond", "-n", "1", "--vanilla_sample", "--logdir", tmp_path / "out", "--json", *FAST)
     assert r.exit_code == 0, r

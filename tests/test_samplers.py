@@ -11,12 +11,19 @@ import torch
 
 from ldmcli.models.schedule import make_beta_schedule
 from ldmcli.sampling import (
+    CLEAN,
+    SAMPLERS,
+    SPACINGS,
     DiscreteSchedule,
+    InvalidSamplerSettings,
+    SamplerSettings,
     classifier_free_guidance,
     ddim_timesteps,
     dpmpp_timesteps,
     eps_from_x0,
+    full_timesteps,
     model_denoiser,
+    sample_latents,
     sample_ddim,
     sample_ddpm,
     sample_dpmpp_2m,
@@ -50,12 +57,13 @@ def ode_solution(x_T: torch.Tensor, t_from: int, t_to: int) -> torch.Tensor:
     return torch.sqrt(b) * MU + torch.sqrt(b * STD**2 + 1 - b) * z
 
 
-def test_ddim_grid_is_upstreams():
-    assert ddim_timesteps(10).tolist() == list(range(1, 1000, 100))
-    assert ddim_timesteps(50)[:3].tolist() == [1, 21, 41] and len(ddim_timesteps(50)) == 50
+def test_ddim_grid_is_upstreams_walked_from_the_top():
+    """Upstream evaluates range(0, N, N // S) + 1 and ends at alphas_cumprod[0]'s level: descending, plus that end."""
+    assert ddim_timesteps(10).tolist() == list(range(901, 0, -100)) + [0]
+    assert ddim_timesteps(50)[-4:].tolist() == [41, 21, 1, 0] and len(ddim_timesteps(50)) == 51
     # 1000 // 300 == 3: upstream's grid then has 334 points, the last of which (1000) is out of range
-    assert len(ddim_timesteps(300)) == 333 and ddim_timesteps(300)[-1] == 997
-    assert ddim_timesteps(1000).tolist() == list(range(1, 1000))
+    assert len(ddim_timesteps(300)) == 334 and ddim_timesteps(300)[0] == 997
+    assert ddim_timesteps(1000).tolist() == list(range(999, -1, -1))
     with pytest.raises(ValueError):
         ddim_timesteps(0)
     with pytest.raises(ValueError):
@@ -70,9 +78,9 @@ def test_ddim_parameters_follow_upstreams_dtypes():
 
     grid = ddim_timesteps(50)
     sigmas, alphas, alphas_prev = ddim_parameters(SCHEDULE.alphas_cumprod, grid, eta=1.0)
-    assert alphas.dtype == torch.float32 and torch.equal(alphas, SCHEDULE.alphas_cumprod[grid])
-    assert alphas_prev.dtype == np.float64 and alphas_prev[0] == SCHEDULE.alphas_cumprod[0].item()
-    assert alphas_prev[1:].tolist() == SCHEDULE.alphas_cumprod[grid[:-1]].tolist()
+    assert alphas.dtype == torch.float32 and torch.equal(alphas, SCHEDULE.alphas_cumprod[grid[:-1]])
+    assert alphas_prev.dtype == np.float64 and alphas_prev[-1] == SCHEDULE.alphas_cumprod[0].item()
+    assert alphas_prev.tolist() == SCHEDULE.alphas_cumprod[grid[1:]].tolist()
     assert sigmas.dtype == torch.float64
     sqrt = ddim_sqrt_one_minus_alphas(alphas)
     assert sqrt.dtype == torch.float32 and np.array_equal(sqrt.numpy(), np.sqrt(1.0 - alphas.numpy()))
@@ -83,7 +91,7 @@ def test_ddim_parameters_follow_upstreams_dtypes():
 def test_ddim_step_matches_the_formula_in_float64():
     """One DDIM step (eta 0): x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev) eps, a_prev = alphas_cumprod[0]."""
     x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
-    out = sample_ddim(gaussian_eps, x, SCHEDULE, [1, 501])
+    out = sample_ddim(gaussian_eps, x, SCHEDULE, [501, 1, 0])
     ac = SCHEDULE.alphas_cumprod.double()
     ref = x.double()
     for t, prev in ((501, ac[1]), (1, ac[0])):
@@ -99,9 +107,9 @@ def _ode_error(sampler, steps: int) -> float:
         out = sample_dpmpp_2m(gaussian_eps, x, SCHEDULE, dpmpp_timesteps(SCHEDULE, steps))
         exact = ode_solution(x, 999, 0)
     else:
-        grid = ddim_timesteps(steps)  # from t = grid[-1] down to the level of alphas_cumprod[0]
+        grid = ddim_timesteps(steps)  # from t = grid[0] down to the level of alphas_cumprod[0]
         out = (sample_ddim if sampler == "ddim" else sample_plms)(gaussian_eps, x, SCHEDULE, grid)
-        exact = ode_solution(x, int(grid[-1]), 0)
+        exact = ode_solution(x, int(grid[0]), 0)
     return ((out.double() - exact).norm() / exact.norm()).item()
 
 
@@ -138,7 +146,7 @@ def test_ddpm_and_stochastic_ddim_sample_the_data_distribution():
     estimates about 0.0015 and 0.0008)."""
     ac = SCHEDULE.alphas_cumprod.double().numpy()
     x = torch.randn(1, 20000, generator=torch.Generator().manual_seed(2))
-    out = sample_ddpm(gaussian_eps, x, SCHEDULE, generator=torch.Generator().manual_seed(3))
+    out = sample_ddpm(gaussian_eps, x, SCHEDULE, full_timesteps(1000), generator=torch.Generator().manual_seed(3))
     ac_prev = np.append(1.0, ac[:-1])
     var = (1 - ac_prev) / (1 - ac) * (1 - ac / ac_prev)  # DDPM's posterior variance = DDIM's sigma^2 at eta 1
     mean, std = _chain_law([(t, ac_prev[t], math.sqrt(var[t]) if t > 0 else 0.0) for t in range(999, -1, -1)])
@@ -147,16 +155,16 @@ def test_ddpm_and_stochastic_ddim_sample_the_data_distribution():
     grid = ddim_timesteps(50)
     x = torch.randn(1, 100000, generator=torch.Generator().manual_seed(2))
     out = sample_ddim(gaussian_eps, x, SCHEDULE, grid, eta=1.0, generator=torch.Generator().manual_seed(4))
-    prevs = np.concatenate([[ac[0]], ac[grid[:-1]]])
-    sigmas = np.sqrt((1 - prevs) / (1 - ac[grid]) * (1 - ac[grid] / prevs))
-    mean, std = _chain_law([(grid[i], prevs[i], sigmas[i]) for i in reversed(range(len(grid)))])
+    evaluated, prevs = grid[:-1], ac[grid[1:]]
+    sigmas = np.sqrt((1 - prevs) / (1 - ac[evaluated]) * (1 - ac[evaluated] / prevs))
+    mean, std = _chain_law([(evaluated[i], prevs[i], sigmas[i]) for i in range(len(evaluated))])
     assert abs(out.mean().item() - mean) < 0.004 and abs(out.std().item() - std) < 0.004, (out.std(), std)
 
 
 def test_ddpm_last_step_adds_no_noise():
     seen = []
     x = torch.randn(2, 8, generator=torch.Generator().manual_seed(5))
-    sample_ddpm(gaussian_eps, x, SCHEDULE, timesteps=[0, 1], callback=seen.append)
+    sample_ddpm(gaussian_eps, x, SCHEDULE, [1, 0, CLEAN], callback=seen.append)
     assert [s.t for s in seen] == [1, 0]
     # at t = 0 the result is the posterior mean, i.e. x0_hat (posterior_mean_coef2[0] == 0)
     torch.testing.assert_close(seen[-1].x, seen[-1].pred_x0)
@@ -168,12 +176,12 @@ def test_per_sample_generators_make_images_independent_of_their_batch():
     batch = sample_ddim(gaussian_eps, x, SCHEDULE, ddim_timesteps(10), eta=1.0, generator=gens([7, 8, 9]))
     alone = sample_ddim(gaussian_eps, x[1:2], SCHEDULE, ddim_timesteps(10), eta=1.0, generator=gens([8]))
     assert torch.equal(batch[1:2], alone)
-    batch = sample_ddpm(gaussian_eps, x, SCHEDULE, timesteps=range(20), generator=gens([7, 8, 9]))
-    alone = sample_ddpm(gaussian_eps, x[2:], SCHEDULE, timesteps=range(20), generator=gens([9]))
+    batch = sample_ddpm(gaussian_eps, x, SCHEDULE, full_timesteps(20), generator=gens([7, 8, 9]))
+    alone = sample_ddpm(gaussian_eps, x[2:], SCHEDULE, full_timesteps(20), generator=gens([9]))
     assert torch.equal(batch[2:], alone)
 
 
-def test_plms_first_step_evaluates_twice_and_rejects_eta():
+def test_plms_first_step_evaluates_twice_and_takes_no_eta():
     calls = []
 
     def counting(x, t):
@@ -182,7 +190,7 @@ def test_plms_first_step_evaluates_twice_and_rejects_eta():
 
     sample_plms(counting, torch.zeros(1, 4), SCHEDULE, ddim_timesteps(10))
     assert calls[:3] == [901, 801, 801] and len(calls) == 11
-    with pytest.raises(ValueError, match="eta"):
+    with pytest.raises(TypeError, match="eta"):  # PLMS is deterministic: it has no eta to reject
         sample_plms(counting, torch.zeros(1, 4), SCHEDULE, ddim_timesteps(10), eta=0.5)
 
 
@@ -277,6 +285,111 @@ def test_dpmpp_grid():
     assert len(dpmpp_timesteps(SCHEDULE, 2000)) <= 1000
     with pytest.raises(ValueError):
         dpmpp_timesteps(SCHEDULE, 10, spacing="karras")
+
+
+# ------------------------------------------------------------------------------------------ the sampler contract
+
+
+def test_every_registered_grid_is_descending_and_ends_where_the_sampler_ends():
+    for name, spec in SAMPLERS.items():
+        for spacing in spec.spacings:
+            grid = SPACINGS[spacing](SCHEDULE, 10)
+            assert grid[0] <= 999 and grid[-1] in (0, CLEAN) and np.all(np.diff(grid) < 0), (name, spacing)
+        assert np.array_equal(spec.grid_fn(SCHEDULE, 10), SPACINGS[spec.spacings[0]](SCHEDULE, 10)), name
+    assert SPACINGS["full"](SCHEDULE, 10)[-2:].tolist() == [0, CLEAN]
+
+
+def test_samplers_refuse_grids_against_the_contract():
+    x = torch.zeros(1, 4)
+    for sample in (sample_ddim, sample_plms, sample_dpmpp_2m):
+        with pytest.raises(ValueError, match="descending"):
+            sample(gaussian_eps, x, SCHEDULE, [1, 101, 201])
+        with pytest.raises(ValueError, match="two points"):
+            sample(gaussian_eps, x, SCHEDULE, [500])
+        with pytest.raises(ValueError, match="lie in"):
+            sample(gaussian_eps, x, SCHEDULE, [1000, 0])
+    with pytest.raises(ValueError, match="one timestep at a time"):
+        sample_ddpm(gaussian_eps, x, SCHEDULE, [10, 5, CLEAN])
+
+
+def test_ending_at_clean_is_a_final_denoising_step():
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(11))
+    for sample in (sample_ddim, sample_dpmpp_2m):
+        seen = []
+        out = sample(gaussian_eps, x, SCHEDULE, [999, 500, 0, CLEAN], callback=seen.append)
+        torch.testing.assert_close(out, seen[-1].pred_x0)
+        torch.testing.assert_close(out, gaussian_x0(seen[-2].x, torch.zeros(3, dtype=torch.long)))
+
+
+class _GaussianModel:
+    """A LatentDiffusion-like wrapper around the analytic eps (conditioning ignored), counting its calls."""
+
+    parameterization = "eps"
+    num_timesteps = 1000
+
+    def __init__(self):
+        for name, value in vars(SCHEDULE).items():
+            setattr(self, name, value)
+        self.calls = 0
+
+    def apply_model(self, x, t, cond):
+        self.calls += 1
+        return gaussian_eps(x, t)
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_sample_latents_runs_each_registered_sampler_as_its_function(name):
+    spec = SAMPLERS[name]
+    settings = SamplerSettings(name, 10, 0.0, 1.0)
+    settings.validate()
+    model = _GaussianModel()
+    x = torch.randn(2, 16, generator=torch.Generator().manual_seed(12))
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    steps = []
+    out = sample_latents(model, x, None, None, settings, generator=gens, callback=steps.append)
+    grid = settings.timesteps(SCHEDULE)
+    assert model.calls == spec.model_calls(grid) == settings.model_calls(SCHEDULE)
+    assert len(steps) == settings.num_steps(SCHEDULE) == len(grid) - 1 and steps[-1].total == len(grid) - 1
+    assert [s.t for s in steps] == grid[:-1].tolist()
+    options = {"generator": [torch.Generator().manual_seed(s) for s in (1, 2)]} if spec.stochastic else {}
+    torch.testing.assert_close(out, spec.sample_fn(gaussian_eps, x, SCHEDULE, grid, **options), rtol=0, atol=0)
+
+
+def test_settings_errors_are_value_errors_that_name_no_flag():
+    from ldmcli.errors import UsageError
+
+    for settings, words in [
+        (SamplerSettings("euler"), "unknown sampler 'euler'"),
+        (SamplerSettings("ddim", 0), "steps must be between 1 and 1000, got 0"),
+        (SamplerSettings("dpmpp", 1001), "steps must be between 1 and 1000"),
+        (SamplerSettings("ddim", 10, -1.0), "eta must be >= 0"),
+        (SamplerSettings("plms", 10, 0.5), "eta applies to DDIM only"),
+        (SamplerSettings("auto", 10, 0.5), "eta applies to DDIM only"),
+        (SamplerSettings("ddim", 10, 0.0, float("nan")), "guidance scale"),
+        (SamplerSettings("plms", 10, spacing="logsnr"), "spacing 'logsnr' does not apply to plms"),
+        (SamplerSettings("auto", 10, spacing="time"), "auto chooses"),
+    ]:
+        with pytest.raises(InvalidSamplerSettings, match=words) as info:
+            settings.validate()
+        assert isinstance(info.value, ValueError) and isinstance(info.value, UsageError)
+        assert "--" not in str(info.value)
+    SamplerSettings("ddpm", 0).validate()  # ancestral sampling walks every timestep whatever the steps
+    SamplerSettings("ddim", 20, spacing="logsnr").validate()
+    with pytest.raises(InvalidSamplerSettings, match="between 1 and 100"):
+        SamplerSettings("ddim", 101).validate(100)
+
+
+def test_auto_resolves_to_a_registered_deterministic_sampler_for_every_scale():
+    for scale in (1.0, 3.0, 5.0, 7.5, 20.0):
+        auto = SamplerSettings("auto", 50, 0.0, scale)
+        auto.validate()
+        chosen = auto.resolve()
+        assert chosen.sampler in SAMPLERS and not SAMPLERS[chosen.sampler].stochastic and chosen.scale == scale
+        assert chosen.spacing in SAMPLERS[chosen.sampler].spacings and chosen.resolve() == chosen
+        assert auto.num_steps(SCHEDULE) == chosen.num_steps(SCHEDULE) <= chosen.steps
+        assert np.array_equal(auto.timesteps(SCHEDULE), chosen.timesteps(SCHEDULE))
+    plain = SamplerSettings("ddim", 50)
+    assert plain.resolve() is plain
 
 
 # ------------------------------------------------------------------------------------- DPM-Solver++ acceptance

@@ -25,6 +25,7 @@ from ldmcli.models.autoencoder import VQModelInterface
 from ldmcli.models.distributions import DiagonalGaussianDistribution
 from ldmcli.models.ema import LitEma
 from ldmcli.models.schedule import SCHEDULE_BUFFERS, extract, lvlb_weights, make_beta_schedule, schedule_buffers
+from ldmcli.sampling.samplers import noise_like
 
 CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm")
 IS_FIRST_STAGE = "__is_first_stage__"
@@ -295,7 +296,7 @@ class LatentDiffusion(nn.Module):
     ) -> torch.Tensor:
         """Diffuse ``x_start`` to step ``t``: sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise."""
         if noise is None:
-            noise = _randn_like(x_start, generator)
+            noise = noise_like(x_start, generator)
         return (
             extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
             + extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
@@ -416,7 +417,7 @@ class LatentDiffusion(nn.Module):
         """The LDM training loss at steps ``t`` (simple loss weighted by ``logvar``, plus ``original_elbo_weight``
         times the VLB term), and a dict of its parts keyed ``train/...`` or ``val/...`` as upstream logs them."""
         if noise is None:
-            noise = _randn_like(x_start, generator)
+            noise = noise_like(x_start, generator)
         x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
         model_output = self.apply_model(x_noisy, t, cond)
 
@@ -458,17 +459,9 @@ class LatentDiffusion(nn.Module):
                 c = self.get_learned_conditioning(c)
             if self.shorten_cond_schedule:
                 tc = self.cond_ids[t]
-                c = self.q_sample(x_start=c, t=tc, noise=_randn_like(c.float(), generator))
+                c = self.q_sample(x_start=c, t=tc, noise=noise_like(c.float(), generator))
         return self.p_losses(x, c, t, noise=noise, generator=generator)
 
 
 def _gen_device(x: torch.Tensor, generator: torch.Generator | None) -> torch.device:
     return generator.device if generator is not None else x.device
-
-
-def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal noise shaped like ``x``, drawn from ``generator`` (on its device) when one is given."""
-    if generator is None:
-        return torch.randn_like(x)
-    noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype)
-    return noise.to(x.device)

@@ -17,9 +17,9 @@ from ldmcli.sampling.samplers import DiscreteSchedule, EpsModel, dpmpp_timesteps
 
 
 def even_ddim_grid(steps: int, num_timesteps: int) -> np.ndarray:
-    """An ascending DDIM grid of ``steps`` points evenly spaced from timestep N-1 down to the level of timestep 0."""
-    grid = np.round(np.linspace(0, num_timesteps - 1, steps + 1)).astype(np.int64)[1:]
-    return np.unique(grid)
+    """A DDIM grid of ``steps`` steps evenly spaced from timestep N-1 down to the level of timestep 0 (descending)."""
+    evaluated = np.unique(np.round(np.linspace(0, num_timesteps - 1, steps + 1)).astype(np.int64)[1:])
+    return np.append(np.flip(evaluated), 0)
 
 
 @torch.no_grad()
@@ -35,7 +35,7 @@ def solver_errors(
     """RMS distance to the every-timestep DDIM solution of DPM-Solver++(2M) with ``dpmpp_steps`` and of DDIM with
     ``ddim_steps`` (keys ``dpmpp``, ``ddim``), plus the reference's RMS size (``reference_rms``)."""
     n = schedule.num_timesteps
-    reference = sample_ddim(model, x_T, schedule, np.arange(1, n))
+    reference = sample_ddim(model, x_T, schedule, np.arange(n - 1, -1, -1))
     ddim = sample_ddim(model, x_T, schedule, even_ddim_grid(ddim_steps, n))
     dpmpp = sample_dpmpp_2m(model, x_T, schedule, dpmpp_timesteps(schedule, dpmpp_steps, spacing=spacing))
 

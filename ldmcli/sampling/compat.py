@@ -15,18 +15,18 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ldmcli.sampling.guidance import model_denoiser
+from ldmcli.sampling.registry import SAMPLERS
 from ldmcli.sampling.samplers import (
     DiscreteSchedule,
     SamplerStep,
     ddim_parameters,
     ddim_sqrt_one_minus_alphas,
     ddim_timesteps,
-    sample_ddim,
-    sample_plms,
 )
 
 
@@ -41,7 +41,7 @@ def _model_device(model: Any) -> torch.device:
 
 
 class _UpstreamSampler:
-    name = "sampler"
+    sampler = "ddim"  # the registry entry (ldmcli.sampling.registry.SAMPLERS) this class runs
 
     def __init__(self, model: Any, schedule: str = "linear", **kwargs: Any) -> None:
         self.model = model
@@ -55,14 +55,14 @@ class _UpstreamSampler:
         if ddim_discretize != "uniform":
             raise ValueError(f"only the 'uniform' DDIM discretization is supported, got {ddim_discretize!r}")
         self._schedule = DiscreteSchedule.from_model(self.model)
-        self.ddim_timesteps = ddim_timesteps(ddim_num_steps, self.ddpm_num_timesteps)
-        sigmas, alphas, alphas_prev = ddim_parameters(self._schedule.alphas_cumprod, self.ddim_timesteps, ddim_eta)
-        self.ddim_sigmas, self.ddim_alphas, self.ddim_alphas_prev = sigmas, alphas, alphas_prev
-        self.ddim_sqrt_one_minus_alphas = ddim_sqrt_one_minus_alphas(alphas)
+        self._grid = ddim_timesteps(ddim_num_steps, self.ddpm_num_timesteps)  # descending, as the samplers walk it
+        sigmas, alphas, alphas_prev = ddim_parameters(self._schedule.alphas_cumprod, self._grid, ddim_eta)
+        # upstream's attributes hold the same numbers in ascending timestep order
+        self.ddim_timesteps = np.flip(self._grid[:-1]).copy()
+        self.ddim_sigmas, self.ddim_alphas = sigmas.flip(0), alphas.flip(0)
+        self.ddim_alphas_prev = np.flip(alphas_prev).copy()
+        self.ddim_sqrt_one_minus_alphas = ddim_sqrt_one_minus_alphas(alphas).flip(0)
         self.ddim_eta = ddim_eta
-
-    def _run(self, x: Tensor, eps: Callable, eta: float, callback: Callable, generator: Any) -> Tensor:
-        raise NotImplementedError  # each subclass runs its sampler
 
     @torch.no_grad()
     def sample(
@@ -124,29 +124,30 @@ class _UpstreamSampler:
             if img_callback is not None:
                 img_callback(step.pred_x0, step.i)
 
-        samples = self._run(x_T, eps, eta, on_step, generator)
+        spec = SAMPLERS[self.sampler]
+        options: dict[str, Any] = {"callback": on_step}
+        if spec.stochastic:
+            options.update(eta=eta, generator=generator)
+        samples = spec.sample_fn(eps, x_T, self._schedule, self._grid, **options)
         return samples, intermediates
 
 
 class DDIMSampler(_UpstreamSampler):
-    """Upstream's ``DDIMSampler(model).sample(...)`` over :func:`ldmcli.sampling.samplers.sample_ddim`."""
+    """Upstream's ``DDIMSampler(model).sample(...)`` over the registry's ``ddim`` (:func:`sample_ddim`)."""
 
-    def _run(self, x, eps, eta, callback, generator=None):  # type: ignore[override]
-        return sample_ddim(eps, x, self._schedule, self.ddim_timesteps, eta=eta, generator=generator,
-                           callback=callback)
+    sampler = "ddim"
 
 
 class PLMSSampler(_UpstreamSampler):
-    """Upstream's ``PLMSSampler(model).sample(...)`` over :func:`ldmcli.sampling.samplers.sample_plms`."""
+    """Upstream's ``PLMSSampler(model).sample(...)`` over the registry's ``plms`` (:func:`sample_plms`)."""
+
+    sampler = "plms"
 
     def make_schedule(self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.0,
                       verbose: bool = True) -> None:
         if ddim_eta != 0:
             raise ValueError("ddim_eta must be 0 for PLMS")
         super().make_schedule(ddim_num_steps, ddim_discretize, ddim_eta, verbose)
-
-    def _run(self, x, eps, eta, callback, generator=None):  # type: ignore[override]
-        return sample_plms(eps, x, self._schedule, self.ddim_timesteps, callback=callback)
 
 
 __all__ = ["DDIMSampler", "PLMSSampler"]

@@ -1,9 +1,17 @@
 """Samplers for discrete-time diffusion models, as small functions over an eps-predicting callable.
 
-Every sampler has the shape ``sample_*(model, x, schedule, timesteps, *, ..., callback=None) -> x_0`` where
-``model(x, t) -> eps`` takes the current state and a ``long`` tensor of timesteps (one per batch element) and returns
-the predicted noise. Classifier-free guidance and the x0 parameterisation are wrappers that build such a callable
-(:mod:`ldmcli.sampling.guidance`); the samplers never branch on them.
+The contract every sampler follows (the registry in :mod:`ldmcli.sampling.registry` lists them)::
+
+    sample_x(model, x, schedule, timesteps, *, [eta=..., generator=...,] callback=None) -> x at timesteps[-1]
+
+* ``model(x, t) -> eps`` takes the current state and a ``long`` tensor of timesteps (one per batch element) and
+  returns the predicted noise. Classifier-free guidance and the x0 parameterisation are wrappers that build such a
+  callable (:mod:`ldmcli.sampling.guidance`); the samplers never branch on them.
+* ``timesteps`` is the grid **in the order the sampler walks it: strictly descending**, e.g. ``[901, 801, ..., 1,
+  0]``. The model is evaluated at every point but the last; the last point is the noise level the result is at.
+  :data:`CLEAN` (-1) as the last point means the clean sample itself (alpha_bar = 1, sigma = 0): the last step is
+  then a denoising step that returns the model's prediction of x0. ``len(timesteps) - 1`` is the number of steps.
+* Only stochastic samplers take ``generator``, only DDIM takes ``eta``: no sampler accepts an argument it ignores.
 
 * :func:`sample_ddpm`: ancestral sampling over the full chain (Ho et al. 2020), upstream's "vanilla" ``p_sample_loop``.
 * :func:`sample_ddim`: DDIM (Song et al. 2021) with ``eta``, on upstream's timestep grid (:func:`ddim_timesteps`).
@@ -33,7 +41,11 @@ EpsModel = Callable[[Tensor, Tensor], Tensor]
 Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 """Where sampler noise comes from: the global RNG (None), one generator, or one generator per batch element."""
 
-SAMPLERS = ("ddim", "plms", "dpmpp", "ddpm")
+Grid = Union[np.ndarray, Sequence[int]]
+"""A strictly descending timestep grid; the last point is where the sampler ends (:data:`CLEAN`: the clean sample)."""
+
+CLEAN = -1
+"""The grid point past timestep 0: alpha_bar = 1, sigma = 0, i.e. the clean sample (a final denoising step)."""
 
 
 @dataclass(frozen=True)
@@ -85,12 +97,25 @@ class DiscreteSchedule:
             values[name] = value.detach().to("cpu", torch.float32)
         return cls(**values)
 
+    def alpha_sigma(self, t: int) -> tuple[float, float]:
+        """``(alpha_t, sigma_t) = (sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t))`` in float64; ``(1, 0)`` at
+        :data:`CLEAN`."""
+        if t == CLEAN:
+            return 1.0, 0.0
+        a = float(self.alphas_cumprod[t].double())
+        return math.sqrt(a), math.sqrt(1.0 - a)
+
+    def log_snr(self, t: int) -> float:
+        """lambda_t = log(alpha_t / sigma_t) (Lu et al.'s half log-SNR); +inf at :data:`CLEAN`."""
+        alpha, sigma = self.alpha_sigma(t)
+        return math.inf if sigma == 0.0 else math.log(alpha) - math.log(sigma)
+
 
 # --------------------------------------------------------------------------------------------------------- helpers
 
 
 def noise_like(x: Tensor, generator: Generators = None) -> Tensor:
-    """Standard normal noise shaped like ``x``.
+    """Standard normal noise shaped like ``x`` (the one noise helper: samplers and training draw through it).
 
     With one generator the noise is drawn on the generator's device and moved to ``x``'s (so a CPU generator gives
     the same numbers whatever device samples); with a list of generators each batch element draws its own, so an
@@ -108,6 +133,19 @@ def noise_like(x: Tensor, generator: Generators = None) -> Tensor:
     )
 
 
+def check_grid(timesteps: Grid, schedule: DiscreteSchedule) -> list[int]:
+    """``timesteps`` as a list of ints, or a ValueError unless it is a grid of the contract: at least two points,
+    strictly descending, within ``[CLEAN, N - 1]``."""
+    grid = [int(t) for t in np.asarray(timesteps, dtype=np.int64).reshape(-1)]
+    if len(grid) < 2:
+        raise ValueError(f"a timestep grid needs at least two points (start and end), got {grid}")
+    if any(b >= a for a, b in zip(grid, grid[1:])):
+        raise ValueError("a timestep grid must be strictly descending (the order the sampler walks it)")
+    if grid[0] >= schedule.num_timesteps or grid[-1] < CLEAN:
+        raise ValueError(f"grid points must lie in [{CLEAN}, {schedule.num_timesteps - 1}], got {grid[0]}..{grid[-1]}")
+    return grid
+
+
 def _full_t(x: Tensor, step: int) -> Tensor:
     return torch.full((x.shape[0],), int(step), device=x.device, dtype=torch.long)
 
@@ -121,13 +159,15 @@ def _scalar(value: float | Tensor, like: Tensor) -> Tensor:
     return torch.full(shape, float(value), dtype=torch.float32, device=like.device).to(like.dtype)
 
 
-# ---------------------------------------------------------------------------------------------------------- DDIM
+# ----------------------------------------------------------------------------------------------------------- grids
 
 
 def ddim_timesteps(steps: int, num_timesteps: int = 1000) -> np.ndarray:
-    """Upstream's "uniform" DDIM grid: ``range(0, N, N // steps) + 1``, ascending (S=10 gives 1, 101, ..., 901).
+    """Upstream's "uniform" DDIM grid, descending, ending at timestep 0's noise level where upstream ends: S=10 gives
+    ``[901, 801, ..., 101, 1, 0]`` (upstream evaluates ``range(0, N, N // S) + 1``, and its last step goes to
+    ``alphas_cumprod[0]``).
 
-    When ``N // steps`` does not divide ``N`` the grid has more than ``steps`` points, exactly as upstream. Where
+    When ``N // steps`` does not divide ``N`` the grid has more than ``steps`` steps, exactly as upstream. Where
     upstream's grid would reach timestep ``N`` itself (more than N/2 steps, or N-1 divisible by N // steps) upstream
     fails with an IndexError; here that one out-of-range point is dropped.
     """
@@ -136,199 +176,20 @@ def ddim_timesteps(steps: int, num_timesteps: int = 1000) -> np.ndarray:
     stride = num_timesteps // steps
     if stride < 1:
         raise ValueError(f"at most {num_timesteps} steps for a model with {num_timesteps} timesteps, got {steps}")
-    grid = np.asarray(list(range(0, num_timesteps, stride))) + 1
-    return grid[grid < num_timesteps]
+    evaluated = np.asarray(list(range(0, num_timesteps, stride))) + 1
+    evaluated = evaluated[evaluated < num_timesteps]
+    return np.append(np.flip(evaluated), 0).astype(np.int64)
 
 
-def ddim_parameters(
-    alphas_cumprod: Tensor, timesteps: np.ndarray, eta: float, final_alpha_cumprod: float | None = None
-) -> tuple[Tensor, Tensor, np.ndarray]:
-    """``(sigmas, alphas, alphas_prev)`` for a DDIM grid, with upstream's dtypes and order of operations.
-
-    ``alphas`` are the float32 ``alphas_cumprod[timesteps]``; ``alphas_prev`` (float64) starts with
-    ``alphas_cumprod[0]``
-    (upstream's choice; ``final_alpha_cumprod`` overrides it, e.g. 1.0 to end on the clean sample); ``sigmas``
-    (float64) follow Song et al.'s eq. (16) scaled by ``eta``.
-    """
-    alphacums = alphas_cumprod.detach().to("cpu", torch.float32)
-    timesteps = np.asarray(timesteps, dtype=np.int64)
-    alphas = alphacums[timesteps]
-    first = float(alphacums[0]) if final_alpha_cumprod is None else float(final_alpha_cumprod)
-    alphas_prev = np.asarray([first] + alphacums[timesteps[:-1]].tolist(), dtype=np.float64)
-    # Upstream mixes a numpy float64 array with the float32 tensor: the division by (1 - alphas) becomes a float32
-    # reciprocal times the float64 numerator, the rest is float64.
-    ratio = torch.reciprocal(1 - alphas) * torch.from_numpy(1 - alphas_prev)
-    sigmas = eta * _np_sqrt(ratio * (1 - alphas / torch.from_numpy(alphas_prev)))
-    return sigmas, alphas, alphas_prev
-
-
-def _np_sqrt(value: Tensor) -> Tensor:
-    """Square root through numpy, as upstream computes these buffers: numpy's float32 sqrt is correctly rounded,
-    torch's CPU kernel can differ from it in the last bit, and that bit shows after a hundred steps."""
-    return torch.from_numpy(np.sqrt(value.numpy()))
-
-
-def ddim_sqrt_one_minus_alphas(alphas: Tensor) -> Tensor:
-    """``sqrt(1 - alphas)`` for the DDIM grid (float32, numpy's sqrt as upstream)."""
-    return _np_sqrt(1.0 - alphas)
-
-
-@torch.no_grad()
-def sample_ddim(
-    model: EpsModel,
-    x: Tensor,
-    schedule: DiscreteSchedule,
-    timesteps: np.ndarray | Sequence[int],
-    *,
-    eta: float = 0.0,
-    generator: Generators = None,
-    callback: Callback | None = None,
-    final_alpha_cumprod: float | None = None,
-) -> Tensor:
-    """DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models"), upstream's ``p_sample_ddim`` step for step.
-
-    ``timesteps`` is the ascending grid (e.g. :func:`ddim_timesteps`); sampling walks it from the top. ``eta=0`` is
-    the deterministic sampler, ``eta=1`` has DDPM-like variance. Returns the state after the last step (at the noise
-    level of ``alphas_cumprod[0]`` as upstream, unless ``final_alpha_cumprod`` says otherwise).
-    """
-    timesteps = np.asarray(timesteps, dtype=np.int64)
-    sigmas, alphas, alphas_prev = ddim_parameters(schedule.alphas_cumprod, timesteps, eta, final_alpha_cumprod)
-    sqrt_one_minus_alphas = ddim_sqrt_one_minus_alphas(alphas)
-    total = len(timesteps)
-    for i, step in enumerate(np.flip(timesteps)):
-        index = total - i - 1
-        a_t = _scalar(alphas[index], x)
-        a_prev = _scalar(alphas_prev[index], x)
-        sigma_t = _scalar(sigmas[index], x)
-        sqrt_one_minus_at = _scalar(sqrt_one_minus_alphas[index], x)
-
-        e_t = model(x, _full_t(x, step))
-        pred_x0 = (x - sqrt_one_minus_at * e_t) / a_t.sqrt()
-        dir_xt = (1.0 - a_prev - sigma_t**2).sqrt() * e_t
-        x = a_prev.sqrt() * pred_x0 + dir_xt
-        if float(sigmas[index]) != 0.0:
-            x = x + sigma_t * noise_like(x, generator)
-        if callback is not None:
-            callback(SamplerStep(i, total, int(step), x, pred_x0))
-    return x
-
-
-# ---------------------------------------------------------------------------------------------------------- PLMS
-
-
-@torch.no_grad()
-def sample_plms(
-    model: EpsModel,
-    x: Tensor,
-    schedule: DiscreteSchedule,
-    timesteps: np.ndarray | Sequence[int],
-    *,
-    eta: float = 0.0,
-    callback: Callback | None = None,
-) -> Tensor:
-    """Pseudo linear multistep sampling (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models"), as
-    upstream's ``plms.py``: a pseudo improved-Euler first step (two model evaluations), then Adams-Bashforth of order
-    2, 3 and 4 on the eps history, each applied through the DDIM (eta 0) update. ``eta`` must be 0.
-    """
-    if eta != 0:
-        raise ValueError("PLMS is deterministic: eta must be 0")
-    timesteps = np.asarray(timesteps, dtype=np.int64)
-    _, alphas, alphas_prev = ddim_parameters(schedule.alphas_cumprod, timesteps, 0.0)
-    sqrt_one_minus_alphas = ddim_sqrt_one_minus_alphas(alphas)
-    time_range = np.flip(timesteps)
-    total = len(timesteps)
-    old_eps: list[Tensor] = []
-
-    for i, step in enumerate(time_range):
-        index = total - i - 1
-        a_t = _scalar(alphas[index], x)
-        a_prev = _scalar(alphas_prev[index], x)
-        sqrt_one_minus_at = _scalar(sqrt_one_minus_alphas[index], x)
-        sigma_t = _scalar(0.0, x)
-
-        def update(e: Tensor, x: Tensor = x) -> tuple[Tensor, Tensor]:
-            pred_x0 = (x - sqrt_one_minus_at * e) / a_t.sqrt()
-            dir_xt = (1.0 - a_prev - sigma_t**2).sqrt() * e
-            return a_prev.sqrt() * pred_x0 + dir_xt, pred_x0
-
-        e_t = model(x, _full_t(x, step))
-        if len(old_eps) == 0:
-            # pseudo improved Euler (2nd order): evaluate again at the next grid point
-            x_next, _ = update(e_t)
-            t_next = time_range[min(i + 1, total - 1)]
-            e_t_next = model(x_next, _full_t(x, t_next))
-            e_prime = (e_t + e_t_next) / 2
-        elif len(old_eps) == 1:
-            e_prime = (3 * e_t - old_eps[-1]) / 2
-        elif len(old_eps) == 2:
-            e_prime = (23 * e_t - 16 * old_eps[-1] + 5 * old_eps[-2]) / 12
-        else:
-            e_prime = (55 * e_t - 59 * old_eps[-1] + 37 * old_eps[-2] - 9 * old_eps[-3]) / 24
-        x, pred_x0 = update(e_prime)
-        old_eps.append(e_t)
-        if len(old_eps) >= 4:
-            old_eps.pop(0)
-        if callback is not None:
-            callback(SamplerStep(i, total, int(step), x, pred_x0))
-    return x
-
-
-# ---------------------------------------------------------------------------------------------------------- DDPM
-
-
-@torch.no_grad()
-def sample_ddpm(
-    model: EpsModel,
-    x: Tensor,
-    schedule: DiscreteSchedule,
-    timesteps: np.ndarray | Sequence[int] | None = None,
-    *,
-    clip_denoised: bool = False,
-    generator: Generators = None,
-    callback: Callback | None = None,
-) -> Tensor:
-    """Ancestral sampling (Ho et al. 2020, "Denoising Diffusion Probabilistic Models") over the full chain, as
-    upstream's ``LatentDiffusion.p_sample_loop``: x0 from eps, the posterior mean, the clipped posterior log-variance,
-    no noise at t = 0. ``clip_denoised`` is False for latent models (upstream sets it so). ``timesteps`` defaults to
-    every step ``N-1, ..., 0``; pass an ascending subset ending at 0 only for pixel-exact chains of your own.
-    """
-    n = schedule.num_timesteps
-    steps = np.arange(n) if timesteps is None else np.asarray(timesteps, dtype=np.int64)
-    dev = x.device
-    sqrt_recip = schedule.sqrt_recip_alphas_cumprod.to(dev)
-    sqrt_recipm1 = schedule.sqrt_recipm1_alphas_cumprod.to(dev)
-    coef1 = schedule.posterior_mean_coef1.to(dev)
-    coef2 = schedule.posterior_mean_coef2.to(dev)
-    log_var = schedule.posterior_log_variance_clipped.to(dev)
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-
-    def at(buf: Tensor, t: Tensor) -> Tensor:
-        return buf.gather(-1, t).reshape(shape).to(x.dtype)
-
-    total = len(steps)
-    for i, step in enumerate(np.flip(steps)):
-        t = _full_t(x, step)
-        eps = model(x, t)
-        pred_x0 = at(sqrt_recip, t) * x - at(sqrt_recipm1, t) * eps
-        if clip_denoised:
-            pred_x0 = pred_x0.clamp(-1.0, 1.0)
-        mean = at(coef1, t) * pred_x0 + at(coef2, t) * x
-        if int(step) == 0:
-            x = mean
-        else:
-            x = mean + (0.5 * at(log_var, t)).exp() * noise_like(x, generator)
-        if callback is not None:
-            callback(SamplerStep(i, total, int(step), x, pred_x0))
-    return x
-
-
-# --------------------------------------------------------------------------------------------------- DPM-Solver++
+def full_timesteps(num_timesteps: int) -> np.ndarray:
+    """Every timestep, ``N-1, ..., 0``, then :data:`CLEAN`: the chain ancestral (DDPM) sampling walks."""
+    return np.arange(num_timesteps - 1, CLEAN - 1, -1, dtype=np.int64)
 
 
 def dpmpp_timesteps(
     schedule: DiscreteSchedule, steps: int, spacing: str = "logsnr", t_start: int | None = None, t_end: int = 0
 ) -> np.ndarray:
-    """A descending integer grid ``t_start = t_0 > ... > t_steps = t_end`` for :func:`sample_dpmpp_2m`.
+    """A descending integer grid ``t_start = t_0 > ... > t_steps = t_end`` for the multistep solvers.
 
     ``logsnr`` (default) spaces the points uniformly in lambda = log(alpha / sigma) between the model's first and last
     timestep (Lu et al.'s recommendation for few-step sampling), ``time`` uniformly in t; each point is rounded to the
@@ -356,12 +217,194 @@ def dpmpp_timesteps(
     return grid[np.sort(first)]
 
 
+# ---------------------------------------------------------------------------------------------------------- DDIM
+
+
+def ddim_parameters(alphas_cumprod: Tensor, timesteps: Grid, eta: float) -> tuple[Tensor, Tensor, np.ndarray]:
+    """``(sigmas, alphas, alphas_prev)`` for each step of a descending grid, in walk order, with upstream's dtypes.
+
+    ``alphas`` are the float32 ``alphas_cumprod`` at the evaluated points; ``alphas_prev`` (float64) at the point
+    each step goes to (1.0 for :data:`CLEAN`); ``sigmas`` (float64) follow Song et al.'s eq. (16) scaled by ``eta``.
+    (Upstream stores the same numbers in ascending order; :class:`ldmcli.sampling.compat.DDIMSampler` flips them.)
+    """
+    alphacums = alphas_cumprod.detach().to("cpu", torch.float32)
+    grid = np.asarray(timesteps, dtype=np.int64)
+    alphas = alphacums[grid[:-1]]
+    alphas_prev = np.asarray([1.0 if t == CLEAN else float(alphacums[t]) for t in grid[1:]], dtype=np.float64)
+    # Upstream mixes a numpy float64 array with the float32 tensor: the division by (1 - alphas) becomes a float32
+    # reciprocal times the float64 numerator, the rest is float64.
+    ratio = torch.reciprocal(1 - alphas) * torch.from_numpy(1 - alphas_prev)
+    sigmas = eta * _np_sqrt(ratio * (1 - alphas / torch.from_numpy(alphas_prev)))
+    return sigmas, alphas, alphas_prev
+
+
+def _np_sqrt(value: Tensor) -> Tensor:
+    """Square root through numpy, as upstream computes these buffers: numpy's float32 sqrt is correctly rounded,
+    torch's CPU kernel can differ from it in the last bit, and that bit shows after a hundred steps."""
+    return torch.from_numpy(np.sqrt(value.numpy()))
+
+
+def ddim_sqrt_one_minus_alphas(alphas: Tensor) -> Tensor:
+    """``sqrt(1 - alphas)`` for the DDIM grid (float32, numpy's sqrt as upstream)."""
+    return _np_sqrt(1.0 - alphas)
+
+
+@torch.no_grad()
+def sample_ddim(
+    model: EpsModel,
+    x: Tensor,
+    schedule: DiscreteSchedule,
+    timesteps: Grid,
+    *,
+    eta: float = 0.0,
+    generator: Generators = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. (12)), upstream's ``p_sample_ddim`` step
+    for step.
+
+    ``timesteps`` is descending (e.g. :func:`ddim_timesteps`: upstream's grid, ending at timestep 0's level as
+    upstream does). ``eta=0`` is the deterministic sampler, ``eta=1`` has DDPM-like variance (eq. (16)).
+    """
+    grid = check_grid(timesteps, schedule)
+    sigmas, alphas, alphas_prev = ddim_parameters(schedule.alphas_cumprod, grid, eta)
+    sqrt_one_minus_alphas = ddim_sqrt_one_minus_alphas(alphas)
+    total = len(grid) - 1
+    for i in range(total):
+        a_t = _scalar(alphas[i], x)
+        a_prev = _scalar(alphas_prev[i], x)
+        sigma_t = _scalar(sigmas[i], x)
+        sqrt_one_minus_at = _scalar(sqrt_one_minus_alphas[i], x)
+
+        e_t = model(x, _full_t(x, grid[i]))
+        pred_x0 = (x - sqrt_one_minus_at * e_t) / a_t.sqrt()
+        dir_xt = (1.0 - a_prev - sigma_t**2).sqrt() * e_t
+        x = a_prev.sqrt() * pred_x0 + dir_xt
+        if float(sigmas[i]) != 0.0:
+            x = x + sigma_t * noise_like(x, generator)
+        if callback is not None:
+            callback(SamplerStep(i, total, grid[i], x, pred_x0))
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------- PLMS
+
+
+@torch.no_grad()
+def sample_plms(
+    model: EpsModel,
+    x: Tensor,
+    schedule: DiscreteSchedule,
+    timesteps: Grid,
+    *,
+    callback: Callback | None = None,
+) -> Tensor:
+    """Pseudo linear multistep sampling (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models", eqs. (11)
+    and (12)), as upstream's ``plms.py``: a pseudo improved-Euler first step (two model evaluations), then
+    Adams-Bashforth of order 2, 3 and 4 on the eps history, each applied through the DDIM (eta 0) update. The eps
+    history assumes equal steps: use it on :func:`ddim_timesteps`.
+    """
+    grid = check_grid(timesteps, schedule)
+    _, alphas, alphas_prev = ddim_parameters(schedule.alphas_cumprod, grid, 0.0)
+    sqrt_one_minus_alphas = ddim_sqrt_one_minus_alphas(alphas)
+    total = len(grid) - 1
+    old_eps: list[Tensor] = []
+
+    for i in range(total):
+        step = grid[i]
+        a_t = _scalar(alphas[i], x)
+        a_prev = _scalar(alphas_prev[i], x)
+        sqrt_one_minus_at = _scalar(sqrt_one_minus_alphas[i], x)
+        sigma_t = _scalar(0.0, x)
+
+        def update(e: Tensor, x: Tensor = x) -> tuple[Tensor, Tensor]:
+            pred_x0 = (x - sqrt_one_minus_at * e) / a_t.sqrt()
+            dir_xt = (1.0 - a_prev - sigma_t**2).sqrt() * e
+            return a_prev.sqrt() * pred_x0 + dir_xt, pred_x0
+
+        e_t = model(x, _full_t(x, step))
+        if len(old_eps) == 0:
+            # pseudo improved Euler (2nd order): evaluate again at the next evaluated grid point (upstream's choice)
+            x_next, _ = update(e_t)
+            t_next = grid[min(i + 1, total - 1)]
+            e_t_next = model(x_next, _full_t(x, t_next))
+            e_prime = (e_t + e_t_next) / 2
+        elif len(old_eps) == 1:
+            e_prime = (3 * e_t - old_eps[-1]) / 2
+        elif len(old_eps) == 2:
+            e_prime = (23 * e_t - 16 * old_eps[-1] + 5 * old_eps[-2]) / 12
+        else:
+            e_prime = (55 * e_t - 59 * old_eps[-1] + 37 * old_eps[-2] - 9 * old_eps[-3]) / 24
+        x, pred_x0 = update(e_prime)
+        old_eps.append(e_t)
+        if len(old_eps) >= 4:
+            old_eps.pop(0)
+        if callback is not None:
+            callback(SamplerStep(i, total, step, x, pred_x0))
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------- DDPM
+
+
+@torch.no_grad()
+def sample_ddpm(
+    model: EpsModel,
+    x: Tensor,
+    schedule: DiscreteSchedule,
+    timesteps: Grid,
+    *,
+    generator: Generators = None,
+    callback: Callback | None = None,
+    clip_denoised: bool = False,
+) -> Tensor:
+    """Ancestral sampling (Ho et al. 2020, "Denoising Diffusion Probabilistic Models", Algorithm 2) as upstream's
+    ``LatentDiffusion.p_sample_loop``: x0 from eps, the posterior mean (eq. (7)), the clipped posterior log-variance,
+    no noise at t = 0. ``timesteps`` is the chain :func:`full_timesteps` (or its tail ``k, k-1, ..., 0, CLEAN``):
+    every step goes one timestep down and the last one to the clean sample. ``clip_denoised`` is False for latent
+    models (upstream sets it so).
+    """
+    grid = check_grid(timesteps, schedule)
+    if grid[-1] != CLEAN or grid[0] - grid[-1] != len(grid) - 1:
+        raise ValueError("ancestral sampling steps one timestep at a time to the clean sample: the grid must be "
+                         "t, t-1, ..., 0, CLEAN")
+    dev = x.device
+    sqrt_recip = schedule.sqrt_recip_alphas_cumprod.to(dev)
+    sqrt_recipm1 = schedule.sqrt_recipm1_alphas_cumprod.to(dev)
+    coef1 = schedule.posterior_mean_coef1.to(dev)
+    coef2 = schedule.posterior_mean_coef2.to(dev)
+    log_var = schedule.posterior_log_variance_clipped.to(dev)
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+
+    def at(buf: Tensor, t: Tensor) -> Tensor:
+        return buf.gather(-1, t).reshape(shape).to(x.dtype)
+
+    total = len(grid) - 1
+    for i, step in enumerate(grid[:-1]):
+        t = _full_t(x, step)
+        eps = model(x, t)
+        pred_x0 = at(sqrt_recip, t) * x - at(sqrt_recipm1, t) * eps
+        if clip_denoised:
+            pred_x0 = pred_x0.clamp(-1.0, 1.0)
+        mean = at(coef1, t) * pred_x0 + at(coef2, t) * x
+        if step == 0:
+            x = mean
+        else:
+            x = mean + (0.5 * at(log_var, t)).exp() * noise_like(x, generator)
+        if callback is not None:
+            callback(SamplerStep(i, total, step, x, pred_x0))
+    return x
+
+
+# --------------------------------------------------------------------------------------------------- DPM-Solver++
+
+
 @torch.no_grad()
 def sample_dpmpp_2m(
     model: EpsModel,
     x: Tensor,
     schedule: DiscreteSchedule,
-    timesteps: np.ndarray | Sequence[int],
+    timesteps: Grid,
     *,
     callback: Callback | None = None,
     lower_order_final: bool = True,
@@ -370,17 +413,13 @@ def sample_dpmpp_2m(
     Models", Algorithm 2): the second-order multistep solver of the diffusion ODE in data-prediction form, on the
     model's discrete alphas.
 
-    ``timesteps`` is descending (:func:`dpmpp_timesteps`): the model is evaluated at all but the last point and the
-    result is the state at the last one (timestep 0, the same level upstream's DDIM ends at). The first step is first
-    order (DDIM); with fewer than 10 steps the last one is too (Lu et al.'s ``lower_order_final``).
+    ``timesteps`` is descending (:func:`dpmpp_timesteps`). The first step is first order (DDIM); with fewer than 10
+    steps the last one is too (Lu et al.'s ``lower_order_final``), and a last step to :data:`CLEAN` always is (it
+    returns the denoised prediction).
     """
-    grid = [int(t) for t in np.asarray(timesteps, dtype=np.int64)]
-    if len(grid) < 2 or any(b >= a for a, b in zip(grid, grid[1:])):
-        raise ValueError("DPM-Solver++ needs a strictly descending grid of at least two timesteps")
-    ac = schedule.alphas_cumprod.double().cpu()
-    alpha = [math.sqrt(float(ac[t])) for t in grid]
-    sigma = [math.sqrt(1.0 - float(ac[t])) for t in grid]
-    lam = [math.log(a) - math.log(s) for a, s in zip(alpha, sigma)]
+    grid = check_grid(timesteps, schedule)
+    alpha, sigma = zip(*(schedule.alpha_sigma(t) for t in grid))
+    lam = [schedule.log_snr(t) for t in grid]
     total = len(grid) - 1
     prev_x0: Tensor | None = None
     prev_h = 0.0
@@ -388,7 +427,9 @@ def sample_dpmpp_2m(
         eps = model(x, _full_t(x, grid[i]))
         pred_x0 = (x - sigma[i] * eps) / alpha[i]
         h = lam[i + 1] - lam[i]
-        first_order = prev_x0 is None or (lower_order_final and total < 10 and i == total - 1)
+        first_order = (
+            prev_x0 is None or sigma[i + 1] == 0.0 or (lower_order_final and total < 10 and i == total - 1)
+        )
         if first_order:
             d = pred_x0
         else:

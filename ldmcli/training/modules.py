@@ -285,7 +285,7 @@ class LatentDiffusionModule(_Base):
     @torch.no_grad()
     def log_images(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Inputs, their first-stage reconstructions and DDIM samples (EMA weights) for the batch's conditions."""
-        from ldmcli.sampling.compat import DDIMSampler
+        from ldmcli.sampling import SamplerSettings, sample_latents
 
         net = self.net
         n = min(self.max_images, len(batch[net.first_stage_key]))
@@ -303,6 +303,5 @@ class LatentDiffusionModule(_Base):
                 c = net.get_learned_conditioning(c)
         with net.ema_scope():
             x_t = torch.randn(tuple(z.shape), generator=gen).to(z)  # drawn on the CPU: the same on every device
-            samples, _ = DDIMSampler(net).sample(S=self.sample_steps, batch_size=n, shape=tuple(z.shape[1:]),
-                                                 conditioning=c, eta=0.0, verbose=False, x_T=x_t)
+            samples = sample_latents(net, x_t, c, None, SamplerSettings("ddim", self.sample_steps))
         return {"inputs": x, "reconstruction": net.decode_first_stage(z), "samples": net.decode_first_stage(samples)}
