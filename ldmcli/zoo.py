@@ -58,7 +58,7 @@ class ZooEntry:
     assets: tuple[str, ...] = ()
     #: the checkpoint file inside ``dest`` (models only)
     checkpoint: str | None = None
-    #: the upstream config this entry's weights belong to (relative to ``shared/reference/configs``)
+    #: the upstream config this entry's weights belong to (its path in the upstream repository)
     config: str | None = None
     description: str = ""
     aliases: tuple[str, ...] = field(default=())
