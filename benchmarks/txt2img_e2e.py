@@ -34,7 +34,7 @@ import torch
 import _bench  # noqa: F401  (puts the repository on sys.path)
 from _bench import REPO, fill_zero_layers, peak_rss_gb, psnr, sync
 
-VOCAB = REPO.parent / "shared" / "fixtures" / "bert-base-uncased-vocab.txt"
+VOCAB = REPO / "tests" / "fixtures" / "bert-base-uncased-vocab.txt"
 PROMPT = "a painting of a virus monster playing guitar"
 SCALE = 5.0
 

@@ -58,7 +58,7 @@ class ZooEntry:
     assets: tuple[str, ...] = ()
     #: the checkpoint file inside ``dest`` (models only)
     checkpoint: str | None = None
-    #: the upstream config this entry's weights belong to (relative to upstream's repository; documentation only)
+    #: the upstream config this entry's weights belong to (its path in the upstream repository; documentation only)
     config: str | None = None
     #: a config file of the entry's own (built-in models, entries added with :func:`register`); None: the preset
     #: ``arch`` describes the architecture

@@ -12,9 +12,10 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-REFERENCE = SHARED / "reference"
-BERT_VOCAB = SHARED / "fixtures" / "bert-base-uncased-vocab.txt"
+# Everything the tests read lives in the repository (tests/fixtures/README.md says what each file is and its source):
+FIXTURES = REPO / "tests" / "fixtures"
+REFERENCE = FIXTURES  # upstream configs (``configs/``, by upstream relative path) and state_dict manifests
+BERT_VOCAB = FIXTURES / "bert-base-uncased-vocab.txt"
 
 
 @pytest.fixture(autouse=True, scope="session")

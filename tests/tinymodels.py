@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-BERT_VOCAB = REPO.parent / "shared" / "fixtures" / "bert-base-uncased-vocab.txt"
+BERT_VOCAB = REPO / "tests" / "fixtures" / "bert-base-uncased-vocab.txt"
 
 _KL = """
     first_stage_config:
