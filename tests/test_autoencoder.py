@@ -68,7 +68,7 @@ def test_kl_forward_sample_is_reproducible_with_generator(image):
 
 
 def test_kl_needs_double_z():
-    with pytest.raises(UsageError, match="double_z"):
+    with pytest.raises(ValueError, match="double_z"):
         AutoencoderKL(tiny_ddconfig(double_z=False), embed_dim=4)
 
 
@@ -100,7 +100,7 @@ def test_vq_interface_encodes_before_quantisation(image):
 
 
 def test_vq_use_ema_is_refused():
-    with pytest.raises(UsageError, match="use_ema"):
+    with pytest.raises(ValueError, match="use_ema"):
         VQModel(tiny_ddconfig(double_z=False), n_embed=16, embed_dim=3, use_ema=True)
 
 
@@ -136,7 +136,7 @@ def test_attn_type_none_and_linear():
     lin = Encoder(**tiny_ddconfig(use_linear_attn=True))
     assert isinstance(lin.mid.attn_1, LinAttnBlock)
     assert "mid.attn_1.to_qkv.weight" in lin.state_dict() and lin(x).shape == (1, 8, 16, 16)
-    with pytest.raises(UsageError, match="attn_type"):
+    with pytest.raises(ValueError, match="attn_type"):
         Encoder(**tiny_ddconfig(attn_type="flash"))
 
 

@@ -45,13 +45,18 @@ def test_tokenizer_vocab_sources(tmp_path, monkeypatch):
     with pytest.raises(LdmError, match="BERT vocab not found"):
         BERTTokenizer(tmp_path / "missing")
 
-    from ldmcli import store  # the default: the data store's bert-base-uncased asset
+    # the default: bert-base-uncased in the data dir (ldmcli.loading.load downloads it first; the network never does)
+    from ldmcli import paths
 
-    asked = []
-    monkeypatch.setattr(store, "asset_path", lambda name, **kw: asked.append(name) or folder)
     embedder = BERTEmbedder(n_embed=16, n_layer=1)
-    assert embedder.tokenize("a").shape == (1, 77) and asked == ["bert-base-uncased"]
-    with pytest.raises(UsageError, match="string or a list of strings"):
+    with pytest.raises(LdmError, match="ldm download bert-base-uncased"):
+        embedder.tokenize("a")
+    installed = paths.data_dir() / "assets" / "bert-base-uncased"
+    installed.mkdir(parents=True)
+    (installed / "vocab.txt").write_bytes(BERT_VOCAB.read_bytes())
+    embedder = BERTEmbedder(n_embed=16, n_layer=1)
+    assert embedder.tokenize("a").shape == (1, 77)
+    with pytest.raises(ValueError, match="string or a list of strings"):
         embedder.tokenize([1, 2])
 
 
@@ -97,9 +102,9 @@ def test_bert_embedder_text_and_errors():
     assert m.encode(["a photo of a cat", ""]).shape == (2, 77, 32)
     assert m.encode("one prompt").shape == (1, 77, 32)
     tokens_only = BERTEmbedder(n_embed=32, n_layer=1, vocab_size=50, max_seq_len=8, use_tokenizer=False)
-    with pytest.raises(UsageError, match="token ids"):
+    with pytest.raises(ValueError, match="token ids"):
         tokens_only.encode("text")
-    with pytest.raises(UsageError, match="at most 8"):
+    with pytest.raises(ValueError, match="at most 8"):
         tokens_only.encode(torch.zeros(1, 9, dtype=torch.long))
 
 
@@ -125,9 +130,9 @@ def test_class_embedder():
     assert out.shape == (3, 1, 8)
     torch.testing.assert_close(out[:, 0], m.embedding.weight[labels])
     torch.testing.assert_close(m(labels), out)
-    with pytest.raises(UsageError, match=r"\[0, 1000\]"):
+    with pytest.raises(ValueError, match=r"\[0, 1000\]"):
         m(torch.tensor([1001]))
-    with pytest.raises(UsageError, match="class_label"):
+    with pytest.raises(ValueError, match="class_label"):
         m({"class": labels})
 
 
@@ -141,7 +146,7 @@ def test_spatial_rescaler():
     half = F.interpolate(F.interpolate(x, scale_factor=0.5, mode="bilinear"), scale_factor=0.5, mode="bilinear")
     torch.testing.assert_close(out, F.conv2d(half, m.channel_mapper.weight))
     assert SpatialRescaler(n_stages=1, method="nearest")(x).shape == (2, 182, 32, 24)
-    with pytest.raises(UsageError, match="method"):
+    with pytest.raises(ValueError, match="method"):
         SpatialRescaler(method="lanczos")
 
 

@@ -148,9 +148,9 @@ def test_dummy_loss_is_empty():
 
 
 def test_unknown_options_are_usage_errors():
-    with pytest.raises(UsageError, match="disc_loss"):
+    with pytest.raises(ValueError, match="disc_loss"):
         LPIPSWithDiscriminator(disc_start=0, disc_loss="wasserstein")
-    with pytest.raises(UsageError, match="pixel_loss"):
+    with pytest.raises(ValueError, match="pixel_loss"):
         VQLPIPSWithDiscriminator(disc_start=0, pixel_loss="l3")
 
 
@@ -256,7 +256,7 @@ def test_disc_conditional_requires_cond():
     model = _tiny_kl(disc_start=0, disc_conditional=True, disc_in_channels=4)
     x = torch.rand(1, 3, 16, 16)
     rec, post = model(x)
-    with pytest.raises(UsageError, match="cond"):
+    with pytest.raises(ValueError, match="cond"):
         model.loss(x, rec, post, 0, global_step=0, last_layer=model.get_last_layer())
     cond = torch.rand(1, 1, 16, 16)
     loss, _ = model.loss(x, rec, post, 0, global_step=0, last_layer=model.get_last_layer(), cond=cond)

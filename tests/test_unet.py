@@ -101,11 +101,11 @@ def test_predict_codebook_ids_head():
 
 
 def test_constructor_validates_like_upstream():
-    with pytest.raises(UsageError):
+    with pytest.raises(ValueError):
         tiny(use_spatial_transformer=True)  # no context_dim
-    with pytest.raises(UsageError):
+    with pytest.raises(ValueError):
         tiny(context_dim=8)  # context without transformer
-    with pytest.raises(UsageError):
+    with pytest.raises(ValueError):
         tiny(num_heads=-1, num_head_channels=-1)
 
 

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ldmcli.errors import UsageError
 from ldmcli.models.distributions import DiagonalGaussianDistribution
 from ldmcli.models.quantize import VectorQuantizer
 
@@ -168,13 +167,13 @@ def make_attn(in_channels: int, attn_type: str = "vanilla") -> nn.Module:
         return LinAttnBlock(in_channels)
     if attn_type == "none":
         return nn.Identity()
-    raise UsageError(f"unknown attn_type {attn_type!r} (expected one of {', '.join(ATTN_TYPES)})")
+    raise ValueError(f"unknown attn_type {attn_type!r} (expected one of {', '.join(ATTN_TYPES)})")
 
 
 def _attn_type(attn_type: str, use_linear_attn: bool) -> str:
     attn_type = "linear" if use_linear_attn else attn_type
     if attn_type not in ATTN_TYPES:
-        raise UsageError(f"unknown attn_type {attn_type!r} (expected one of {', '.join(ATTN_TYPES)})")
+        raise ValueError(f"unknown attn_type {attn_type!r} (expected one of {', '.join(ATTN_TYPES)})")
     return attn_type
 
 
@@ -371,7 +370,7 @@ class _FirstStage(nn.Module):
         self.loss = loss
         if colorize_nlabels is not None:
             if not isinstance(colorize_nlabels, int) or isinstance(colorize_nlabels, bool):
-                raise UsageError(f"colorize_nlabels must be an integer, not {colorize_nlabels!r}")
+                raise ValueError(f"colorize_nlabels must be an integer, not {colorize_nlabels!r}")
             # a random projection of segmentation maps to RGB for image logs (upstream ``to_rgb``)
             self.register_buffer("colorize", torch.randn(3, colorize_nlabels, 1, 1))
 
@@ -382,7 +381,7 @@ class _FirstStage(nn.Module):
     def to_rgb(self, x: torch.Tensor) -> torch.Tensor:
         """Project a many-channel map (segmentation) to 3 channels in [-1, 1] with the ``colorize`` buffer."""
         if not hasattr(self, "colorize"):
-            raise UsageError("to_rgb needs the model to be built with colorize_nlabels")
+            raise ValueError("to_rgb needs the model to be built with colorize_nlabels")
         x = F.conv2d(x, weight=self.colorize)
         return 2.0 * (x - x.min()) / (x.max() - x.min()) - 1.0
 
@@ -405,7 +404,7 @@ class AutoencoderKL(_FirstStage):
     ) -> None:
         super().__init__()
         if not ddconfig.get("double_z", True):
-            raise UsageError("AutoencoderKL needs ddconfig.double_z: true (the encoder outputs mean and logvar)")
+            raise ValueError("AutoencoderKL needs ddconfig.double_z: true (the encoder outputs mean and logvar)")
         self._init_common(ddconfig, loss, image_key, colorize_nlabels, monitor)
         z_channels = ddconfig["z_channels"]
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)
@@ -451,7 +450,7 @@ class VQModel(_FirstStage):
     ) -> None:
         super().__init__()
         if use_ema:
-            raise UsageError("VQModel use_ema: true is not supported (no published first stage uses it)")
+            raise ValueError("VQModel use_ema: true is not supported (no published first stage uses it)")
         self._init_common(ddconfig, loss, image_key, colorize_nlabels, monitor)
         self.embed_dim = embed_dim
         self.n_embed = n_embed

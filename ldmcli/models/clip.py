@@ -113,7 +113,7 @@ class ClipEncoder(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Unit-norm image embeddings ``[B, dim]`` of images ``[B, 3, H, W]`` in [-1, 1]."""
         if images.ndim != 4 or images.shape[1] != 3:
-            raise UsageError(f"expected images of shape [B, 3, H, W], got {list(images.shape)}")
+            raise ValueError(f"expected images of shape [B, 3, H, W], got {list(images.shape)}")
         x = self.preprocess(images.to(self.device, torch.float32))
         z = self.model.get_image_features(pixel_values=x).pooler_output
         return z / torch.linalg.norm(z, dim=1, keepdim=True)

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ldmcli.errors import UsageError
 from ldmcli.models.autoencoder import VQModelInterface
 from ldmcli.models.distributions import DiagonalGaussianDistribution
 from ldmcli.models.ema import LitEma
@@ -46,7 +45,7 @@ class DiffusionWrapper(nn.Module):
     def __init__(self, diffusion_model: nn.Module, conditioning_key: str | None) -> None:
         super().__init__()
         if conditioning_key not in CONDITIONING_KEYS:
-            raise UsageError(f"unknown conditioning_key {conditioning_key!r}; expected one of {CONDITIONING_KEYS}")
+            raise ValueError(f"unknown conditioning_key {conditioning_key!r}; expected one of {CONDITIONING_KEYS}")
         self.diffusion_model = diffusion_model
         self.conditioning_key = conditioning_key
 
@@ -121,14 +120,14 @@ class LatentDiffusion(nn.Module):
     ) -> None:
         super().__init__()
         if parameterization not in ("eps", "x0"):
-            raise UsageError(f"parameterization must be 'eps' or 'x0', not {parameterization!r}")
+            raise ValueError(f"parameterization must be 'eps' or 'x0', not {parameterization!r}")
         if loss_type not in ("l1", "l2"):
-            raise UsageError(f"loss_type must be 'l1' or 'l2', not {loss_type!r}")
+            raise ValueError(f"loss_type must be 'l1' or 'l2', not {loss_type!r}")
         if use_positional_encodings:
-            raise UsageError("use_positional_encodings is not supported (no published model uses it)")
+            raise ValueError("use_positional_encodings is not supported (no published model uses it)")
         self.num_timesteps_cond = 1 if num_timesteps_cond is None else num_timesteps_cond
         if self.num_timesteps_cond > timesteps:
-            raise UsageError("num_timesteps_cond cannot exceed timesteps")
+            raise ValueError("num_timesteps_cond cannot exceed timesteps")
         unconditional = cond_stage_model is None or (
             isinstance(cond_stage_model, str) and cond_stage_model == IS_UNCONDITIONAL
         )
@@ -190,7 +189,7 @@ class LatentDiffusion(nn.Module):
             self.cond_stage_model = None
         elif cond_stage_model is self.first_stage_model:
             if cond_stage_trainable:
-                raise UsageError("a cond stage that is the first stage cannot be trainable")
+                raise ValueError("a cond stage that is the first stage cannot be trainable")
             self.cond_stage_model = cond_stage_model
         elif isinstance(cond_stage_model, nn.Module):
             self.cond_stage_model = cond_stage_model

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ldmcli.errors import LdmError, UsageError
+from ldmcli.errors import LdmError
 
 #: x-transformers' defaults, which every upstream BERTEmbedder used.
 BERT_HEADS = 8
@@ -79,7 +79,7 @@ class BERTTokenizer:
         else:
             text = list(text)
             if not all(isinstance(t, str) for t in text):
-                raise UsageError("text conditioning must be a string or a list of strings")
+                raise ValueError("text conditioning must be a string or a list of strings")
         encoding = self.tokenizer(text, truncation=True, max_length=self.max_length, return_length=True,
                                   return_overflowing_tokens=False, padding="max_length", return_tensors="pt")
         tokens = encoding["input_ids"]
@@ -201,7 +201,7 @@ class BERTEmbedder(nn.Module):
     @property
     def tokenizer(self) -> BERTTokenizer:
         if not self.use_tknz_fn:
-            raise UsageError("this BERTEmbedder takes token ids, not text (use_tokenizer is false)")
+            raise ValueError("this BERTEmbedder takes token ids, not text (use_tokenizer is false)")
         if self._tokenizer is None:
             self._tokenizer = BERTTokenizer(self.vocab_path, max_length=self.max_seq_len)
         return self._tokenizer
@@ -215,10 +215,10 @@ class BERTEmbedder(nn.Module):
             tokens = self.tokenize(text)  # type: ignore[arg-type]
         else:
             if not isinstance(text, torch.Tensor):
-                raise UsageError("this BERTEmbedder takes a tensor of token ids (use_tokenizer is false)")
+                raise ValueError("this BERTEmbedder takes a tensor of token ids (use_tokenizer is false)")
             tokens = text.to(self.transformer.token_emb.weight.device)
         if tokens.shape[-1] > self.max_seq_len:
-            raise UsageError(f"{tokens.shape[-1]} tokens given, at most {self.max_seq_len} fit this text encoder")
+            raise ValueError(f"{tokens.shape[-1]} tokens given, at most {self.max_seq_len} fit this text encoder")
         return self.transformer(tokens)
 
     def encode(self, text: Text | torch.Tensor) -> torch.Tensor:
@@ -245,13 +245,13 @@ class ClassEmbedder(nn.Module):
         else:
             key = self.key if key is None else key
             if key not in batch:
-                raise UsageError(f"class conditioning needs the key {key!r}")
+                raise ValueError(f"class conditioning needs the key {key!r}")
             labels = batch[key]
         labels = torch.as_tensor(labels, device=self.embedding.weight.device)
         if labels.is_floating_point() or labels.ndim != 1:
-            raise UsageError("class labels must be a 1-D integer tensor")
+            raise ValueError("class labels must be a 1-D integer tensor")
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.n_classes):
-            raise UsageError(f"class labels must lie in [0, {self.n_classes - 1}]")
+            raise ValueError(f"class labels must lie in [0, {self.n_classes - 1}]")
         return self.embedding(labels[:, None])
 
 
@@ -266,9 +266,9 @@ class SpatialRescaler(nn.Module):
                  out_channels: int | None = None, bias: bool = False) -> None:
         super().__init__()
         if n_stages < 0:
-            raise UsageError("SpatialRescaler n_stages must be >= 0")
+            raise ValueError("SpatialRescaler n_stages must be >= 0")
         if method not in _INTERPOLATION_MODES:
-            raise UsageError(f"SpatialRescaler method must be one of {', '.join(_INTERPOLATION_MODES)}, not {method!r}")
+            raise ValueError(f"SpatialRescaler method must be one of {', '.join(_INTERPOLATION_MODES)}, not {method!r}")
         self.n_stages = int(n_stages)
         self.method = method
         self.multiplier = float(multiplier)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldmcli.errors import CheckpointError, LdmError, UsageError
+from ldmcli.errors import CheckpointError, LdmError
 
 # torchvision's vgg16().features split after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 (indices 0..29).
 _VGG16_CFG: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
@@ -293,7 +293,7 @@ def _disc_loss_fn(disc_loss: str):
         return hinge_d_loss
     if disc_loss == "vanilla":
         return vanilla_d_loss
-    raise UsageError(f"unknown disc_loss {disc_loss!r} (expected 'hinge' or 'vanilla')")
+    raise ValueError(f"unknown disc_loss {disc_loss!r} (expected 'hinge' or 'vanilla')")
 
 
 class _GANLoss(nn.Module):
@@ -332,15 +332,15 @@ class _GANLoss(nn.Module):
 
     def _generator_logits(self, reconstructions: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         if cond is None and self.disc_conditional:
-            raise UsageError("this loss has disc_conditional: true and needs cond=")
+            raise ValueError("this loss has disc_conditional: true and needs cond=")
         if cond is not None and not self.disc_conditional:
-            raise UsageError("cond= given to a loss with disc_conditional: false")
+            raise ValueError("cond= given to a loss with disc_conditional: false")
         return self._logits(reconstructions.contiguous(), cond)
 
     def _adaptive_or_zero(self, nll_loss: torch.Tensor, g_loss: torch.Tensor,
                           last_layer: torch.Tensor | None) -> torch.Tensor:
         if last_layer is None:
-            raise UsageError("the generator step needs last_layer= (the decoder's output conv weight)")
+            raise ValueError("the generator step needs last_layer= (the decoder's output conv weight)")
         try:
             return self.calculate_adaptive_weight(nll_loss, g_loss, last_layer)
         except RuntimeError:  # no graph, as in validation under no_grad
@@ -413,7 +413,7 @@ class LPIPSWithDiscriminator(_GANLoss):
         if optimizer_idx == 1:
             return self._discriminator_step(inputs, reconstructions, global_step, cond, split)
         if optimizer_idx != 0:
-            raise UsageError(f"optimizer_idx must be 0 (autoencoder) or 1 (discriminator), not {optimizer_idx!r}")
+            raise ValueError(f"optimizer_idx must be 0 (autoencoder) or 1 (discriminator), not {optimizer_idx!r}")
         rec_loss = torch.abs(inputs.contiguous() - reconstructions.contiguous())
         if self.perceptual_weight > 0:
             rec_loss = rec_loss + self.perceptual_weight * self._perceptual(inputs, reconstructions)
@@ -473,9 +473,9 @@ class VQLPIPSWithDiscriminator(_GANLoss):
         super().__init__()
         disc_loss_fn = _disc_loss_fn(disc_loss)
         if perceptual_loss != "lpips":
-            raise UsageError(f"unknown perceptual_loss {perceptual_loss!r} (only 'lpips' is available)")
+            raise ValueError(f"unknown perceptual_loss {perceptual_loss!r} (only 'lpips' is available)")
         if pixel_loss not in ("l1", "l2"):
-            raise UsageError(f"unknown pixel_loss {pixel_loss!r} (expected 'l1' or 'l2')")
+            raise ValueError(f"unknown pixel_loss {pixel_loss!r} (expected 'l1' or 'l2')")
         self.codebook_weight = codebook_weight
         self.pixel_weight = pixelloss_weight
         self.perceptual_loss = LPIPS().eval()
@@ -501,7 +501,7 @@ class VQLPIPSWithDiscriminator(_GANLoss):
         if optimizer_idx == 1:
             return self._discriminator_step(inputs, reconstructions, global_step, cond, split)
         if optimizer_idx != 0:
-            raise UsageError(f"optimizer_idx must be 0 (autoencoder) or 1 (discriminator), not {optimizer_idx!r}")
+            raise ValueError(f"optimizer_idx must be 0 (autoencoder) or 1 (discriminator), not {optimizer_idx!r}")
         diff = inputs.contiguous() - reconstructions.contiguous()
         rec_loss = torch.abs(diff) if self.pixel_loss_type == "l1" else torch.pow(diff, 2)
         if self.perceptual_weight > 0:

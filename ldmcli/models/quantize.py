@@ -63,7 +63,7 @@ class VectorQuantizer(nn.Module):
                 unknown_index = self.re_embed
                 self.re_embed += 1
             elif unknown_index != "random" and not isinstance(unknown_index, int):
-                raise UsageError(f"unknown_index must be 'random', 'extra' or an integer, not {unknown_index!r}")
+                raise ValueError(f"unknown_index must be 'random', 'extra' or an integer, not {unknown_index!r}")
             self.unknown_index: UnknownIndex = unknown_index
         else:
             self.re_embed = n_e

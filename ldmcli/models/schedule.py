@@ -12,7 +12,6 @@ import math
 import numpy as np
 import torch
 
-from ldmcli.errors import UsageError
 
 BETA_SCHEDULES = ("linear", "cosine", "sqrt_linear", "sqrt")
 
@@ -58,7 +57,7 @@ def make_beta_schedule(
     elif schedule == "sqrt":
         betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64, device="cpu") ** 0.5
     else:
-        raise UsageError(f"unknown beta schedule {schedule!r}; expected one of {', '.join(BETA_SCHEDULES)}")
+        raise ValueError(f"unknown beta schedule {schedule!r}; expected one of {', '.join(BETA_SCHEDULES)}")
     return betas.numpy()
 
 
@@ -104,7 +103,7 @@ def lvlb_weights(betas: np.ndarray, buffers: dict[str, torch.Tensor], parameteri
     elif parameterization == "x0":
         weights = 0.5 * torch.sqrt(alphas_cumprod) / (2.0 * 1 - alphas_cumprod)
     else:
-        raise UsageError(f"unknown parameterization {parameterization!r}; expected 'eps' or 'x0'")
+        raise ValueError(f"unknown parameterization {parameterization!r}; expected 'eps' or 'x0'")
     weights[0] = weights[1]
     return weights
 

@@ -19,7 +19,6 @@ from einops import rearrange, repeat
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from ldmcli.errors import UsageError
 from ldmcli.models.attention import SpatialTransformer, zero_module
 
 
@@ -275,7 +274,7 @@ class AttentionBlock(nn.Module):
             self.num_heads = num_heads
         else:
             if channels % num_head_channels:
-                raise UsageError(f"channels {channels} not divisible by num_head_channels {num_head_channels}")
+                raise ValueError(f"channels {channels} not divisible by num_head_channels {num_head_channels}")
             self.num_heads = channels // num_head_channels
         self.use_checkpoint = use_checkpoint
         self.norm = normalization(channels)
@@ -338,15 +337,15 @@ class UNetModel(nn.Module):
     ) -> None:
         super().__init__()
         if use_spatial_transformer and context_dim is None:
-            raise UsageError("use_spatial_transformer needs context_dim (the cross-attention conditioning width)")
+            raise ValueError("use_spatial_transformer needs context_dim (the cross-attention conditioning width)")
         if context_dim is not None and not use_spatial_transformer:
-            raise UsageError("context_dim is given but use_spatial_transformer is off")
+            raise ValueError("context_dim is given but use_spatial_transformer is off")
         if isinstance(context_dim, (list, tuple)) and len(context_dim) == 1:
             context_dim = context_dim[0]
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
         if num_heads == -1 and num_head_channels == -1:
-            raise UsageError("either num_heads or num_head_channels has to be set")
+            raise ValueError("either num_heads or num_head_channels has to be set")
 
         self.image_size = image_size
         self.in_channels = in_channels
