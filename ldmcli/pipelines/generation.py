@@ -365,6 +365,19 @@ def class_range(cfg: Any) -> tuple[int, int | None]:
     return n - 1, n - 1
 
 
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """What every generation request shares: grid layout, seed, where and how the networks run."""
+
+    n_rows: int = 0
+    seed: int | None = None
+    skip_grid: bool = False
+    device: str | None = None
+    precision: str = "auto"
+    compile: bool = False
+    tile_decode: bool = False
+
+
 def check_counts(counts: Sequence[tuple[str, int]], n_rows: int = 0, seed: int | None = None) -> None:
     """The cheap checks every generation request needs: each ``(field, count)`` at least 1, ``n_rows`` not
     negative, ``seed`` in the range the generator takes."""

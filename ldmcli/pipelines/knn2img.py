@@ -20,8 +20,8 @@ PHASES = {"load": "loading database", "normalize": "normalising embeddings", "tr
           "exact": "exact search for held-out queries", "tune": "tuning recall", "save": "saving searcher"}
 
 
-@dataclass(frozen=True)
-class Knn2ImgRequest:
+@dataclass(frozen=True, kw_only=True)
+class Knn2ImgRequest(gen.RunOptions):
     """One run. ``prompts`` as :class:`ldmcli.pipelines.txt2img.Txt2ImgRequest`; or ``image``: that image's CLIP
     embedding is the query (image variations). ``use_neighbors`` adds the query's ``knn`` nearest neighbours in
     ``database`` to the conditioning."""
@@ -41,12 +41,7 @@ class Knn2ImgRequest:
     n_iter: int = 1
     height: int = 768
     width: int = 768
-    n_rows: int = 0
-    seed: int | None = None
-    skip_grid: bool = False
     clip: Path | None = None
-    device: str | None = None
-    precision: str = "auto"
 
 
 def check_rdm(cfg: Any, name: str, clip_dim: int | None = None) -> None:
@@ -124,6 +119,7 @@ def run(request: Knn2ImgRequest, on_event: EventHandler = ignore) -> gen.Generat
     the batches are dealt to the ranks (each process loads its own searcher)."""
     from ldmcli import store
     from ldmcli.devices import pick_device, resolve_precision
+    from ldmcli.fastpath import DEFAULT_TILE
     from ldmcli.models.clip import ClipEncoder, resolve_clip_dir
     from ldmcli.retrieval.conditioning import RdmConditioner
     from ldmcli.retrieval.database import inspect_database, load_database, resolve_database
@@ -160,7 +156,7 @@ def run(request: Knn2ImgRequest, on_event: EventHandler = ignore) -> gen.Generat
             db = load_database(db_folder, name=db_name, expected_dim=dim, callback=phase)
             retriever = Retriever.for_database(db, callback=phase)
 
-        loaded = gen.load_for_sampling(source, gen.rank_device(dev, env), dtype, on_event)
+        loaded = gen.load_for_sampling(source, gen.rank_device(dev, env), dtype, on_event, compile=request.compile)
         cfg, net = loaded.config, loaded.model
         check_rdm(cfg, source.name, dim)
         shape = gen.check_image_size(cfg, request.height, request.width, source.name)
@@ -192,4 +188,5 @@ def run(request: Knn2ImgRequest, on_event: EventHandler = ignore) -> gen.Generat
         return gen.run_images(loaded, jobs, conditioner=conditioner, shape=shape, settings=request.settings,
                               outdir=request.outdir, metadata=metadata, grid_metadata=grid_meta,
                               grid_per_row=None if request.skip_grid else (request.n_rows or request.n_samples),
-                              decode_tile=None, on_event=on_event, seed=run_seed)
+                              decode_tile=DEFAULT_TILE if request.tile_decode else None, on_event=on_event,
+                              seed=run_seed)

@@ -13,8 +13,8 @@ from ldmcli.pipelines.events import EventHandler, ignore
 from ldmcli.sampling import SamplerSettings
 
 
-@dataclass(frozen=True)
-class SampleRequest:
+@dataclass(frozen=True, kw_only=True)
+class SampleRequest(gen.RunOptions):
     """One run: ``n_samples`` images (per class with ``classes``) of ``model`` (a zoo name, run folder or checkpoint:
     anything :func:`ldmcli.loading.resolve` takes). ``outdir`` None: ``outputs/<model>-samples``."""
 
@@ -25,13 +25,6 @@ class SampleRequest:
     null_class: int | None = None
     n_samples: int = 4
     batch_size: int = 10
-    n_rows: int = 0
-    seed: int | None = None
-    skip_grid: bool = False
-    device: str | None = None
-    precision: str = "auto"
-    compile: bool = False
-    tile_decode: bool = False
 
 
 def check_sample_model(cfg: Any, name: str, classes: Sequence[int], scale: float, null_class: int | None) -> Any:

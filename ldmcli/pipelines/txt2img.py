@@ -19,8 +19,8 @@ from ldmcli.sampling import SamplerSettings
 DEFAULT_MODEL = "txt2img-f8-large"
 
 
-@dataclass(frozen=True)
-class Txt2ImgRequest:
+@dataclass(frozen=True, kw_only=True)
+class Txt2ImgRequest(gen.RunOptions):
     """One run. ``prompts``: one prompt rendered ``n_samples`` times, or (``from_file``) every prompt once per
     iteration, batched by ``n_samples``. ``model`` is anything :func:`ldmcli.loading.resolve` takes; ``config`` +
     ``ckpt`` name the files instead."""
@@ -36,13 +36,6 @@ class Txt2ImgRequest:
     n_iter: int = 1
     height: int = 256
     width: int = 256
-    n_rows: int = 0
-    seed: int | None = None
-    skip_grid: bool = False
-    device: str | None = None
-    precision: str = "auto"
-    compile: bool = False
-    tile_decode: bool = False
 
 
 def check_text_model(cfg: Any, name: str) -> None:
