@@ -118,7 +118,7 @@ def test_404_is_immediate_clear_error_and_nothing_is_written(file_server, tmp_pa
     with pytest.raises(DownloadError) as e:
         download.fetch(url, tmp_path / "m.bin", policy=FAST, sleep=lambda s: pytest.fail("4xx must not retry"))
     assert url in str(e.value) and "404" in str(e.value)
-    assert leftovers(tmp_path) == ["m.bin.lock"]
+    assert leftovers(tmp_path) == []  # no .lock left behind either
     assert len(file_server.gets("/missing.bin")) == 1
 
 
@@ -126,7 +126,7 @@ def test_checksum_mismatch_deletes_partial(file_server, tmp_path):
     url = file_server.add("/f/g.bin", b"hello")
     with pytest.raises(DownloadError, match="md5 mismatch"):
         download.fetch(url, tmp_path / "g.bin", md5="0" * 32, policy=FAST)
-    assert leftovers(tmp_path) == ["g.bin.lock"]
+    assert leftovers(tmp_path) == []
     r = download.fetch(url, tmp_path / "g.bin", md5=hashlib.md5(b"hello").hexdigest(),
                        sha256=hashlib.sha256(b"hello").hexdigest()[:8], policy=FAST)
     assert r.path.read_bytes() == b"hello"
@@ -139,7 +139,7 @@ def test_disk_space_is_checked_before_transfer(file_server, tmp_path, monkeypatc
         download.fetch(url, tmp_path / "h.bin", policy=FAST)
     msg = str(e.value)
     assert "need 2.0 MB" in msg and "1.0 MB free" in msg
-    assert leftovers(tmp_path) == ["h.bin.lock"]
+    assert leftovers(tmp_path) == []
 
 
 def test_mirror_url_replaces_scheme_and_host_keeps_path_and_query(monkeypatch):
@@ -395,4 +395,4 @@ def test_resume_of_a_file_that_changed_upstream_restarts_instead_of_splicing(fil
     last = file_server.gets("/f/v.bin")[-1]
     assert last.range == "bytes=100000-"
     assert (tmp_path / "v.bin").read_bytes() == new
-    assert leftovers(tmp_path) == ["v.bin", "v.bin.lock"]
+    assert leftovers(tmp_path) == ["v.bin"]

@@ -56,7 +56,7 @@ def test_ensure_extracts_zip_records_manifest_and_is_idempotent(mirror):
     folder = store.ensure("kl-f8")
     assert folder == paths.first_stage_dir("kl-f8")
     assert store.checkpoint_path("kl-f8").read_bytes() == ckpt
-    assert names_in(folder) == ["model.ckpt", "model.zip.lock"]  # archive removed after extraction
+    assert names_in(folder) == ["model.ckpt"]  # archive removed after extraction
     record = download.read_manifest()["files"]["models/first_stage_models/kl-f8/model.ckpt"]
     assert record["sha256"] == hashlib.sha256(ckpt).hexdigest() and record["size"] == len(ckpt)
     assert record["entry"] == "kl-f8" and record["url"] == mirror.url + KL_F8
@@ -81,7 +81,7 @@ def test_asset_with_wrong_checksum_is_refused(mirror):
     mirror.add(BERT, b"[PAD]\n[UNK]\n")
     with pytest.raises(DownloadError, match="sha256 mismatch"):
         store.asset_path("bert-base-uncased")
-    assert names_in(paths.assets_dir() / "bert-base-uncased") == ["vocab.txt.lock"]
+    assert names_in(paths.assets_dir() / "bert-base-uncased") == []
 
 
 def test_offline_error_names_missing_file_and_command(mirror, monkeypatch):
@@ -99,18 +99,18 @@ def test_truncated_zip_leaves_nothing_and_next_call_refetches(mirror):
     with pytest.raises(DownloadError, match="not a valid zip"):
         store.ensure("kl-f8")
     folder = paths.first_stage_dir("kl-f8")
-    assert names_in(folder) == ["model.zip.lock"]
+    assert names_in(folder) == []
     assert names_in(folder.parent) == ["kl-f8"]  # no temporary extraction folder left
     mirror.add(KL_F8, good)
     store.ensure("kl-f8")
-    assert names_in(folder) == ["model.ckpt", "model.zip.lock"]
+    assert names_in(folder) == ["model.ckpt"]
 
 
 def test_zip_escaping_the_folder_is_rejected(mirror):
     mirror.add(KL_F8, make_zip({"model.ckpt": b"w"}, extra=zipfile.ZipInfo("../../ldm/evil.ckpt")))
     with pytest.raises(DownloadError, match="outside the target folder"):
         store.ensure("kl-f8")
-    assert names_in(paths.first_stage_dir("kl-f8")) == ["model.zip.lock"]
+    assert names_in(paths.first_stage_dir("kl-f8")) == []
     assert not (paths.models_dir() / "ldm").exists()
     assert download.read_manifest()["files"] == {}
 
@@ -224,4 +224,4 @@ def test_two_concurrent_processes_produce_one_correct_file(mirror, data_home):
     assert out[0][0] == out[1][0]
     assert (paths.ldm_dir("cin256-v2") / "model.ckpt").read_bytes() == data
     assert len(mirror.gets(CIN_V2)) == 1  # the second waited for the lock and found the file complete
-    assert names_in(paths.ldm_dir("cin256-v2")) == ["model.ckpt", "model.ckpt.lock"]
+    assert names_in(paths.ldm_dir("cin256-v2")) == ["model.ckpt"]
