@@ -273,7 +273,7 @@ def unreachable_reason(e: BaseException) -> str | None:
     """Why the host cannot be reached at all (DNS failure, connection refused), or None for other errors."""
     for x in _causes(e):
         if isinstance(x, socket.gaierror) or type(x).__name__ == "NameResolutionError":
-            return "its name does not resolve: no network, or no DNS"
+            return "its name does not resolve: no network?"
         if isinstance(x, ConnectionRefusedError) or (isinstance(x, OSError) and x.errno == errno.ECONNREFUSED):
             return "connection refused"
         if isinstance(x, OSError) and x.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
@@ -283,8 +283,8 @@ def unreachable_reason(e: BaseException) -> str | None:
 
 def _unreachable_error(url: str, why: str) -> DownloadError:
     host = urlsplit(url).netloc or url
-    return DownloadError(f"cannot reach {host} ({why}) to download {url}; set LDM_MIRROR to a mirror that is "
-                         "reachable, or use --offline to work with downloaded files only")
+    return DownloadError(f"cannot reach {host} ({why}) for {url}; set LDM_MIRROR to a reachable mirror, or use "
+                         "--offline to work with downloaded files only")
 
 
 def _hash_file(path: Path, algorithms: tuple[str, ...], limit: int | None = None) -> dict[str, Any]:
@@ -468,7 +468,7 @@ def fetch(
                 delay = policy.delay(failures)
                 if notice is not None:
                     at = f" at {human(have)}" if have else ""
-                    notice(Notice("retry", name, f"{name}: {_describe(e)}; retrying{at} in {delay:.0f} s "
+                    notice(Notice("retry", name, f"{name}: {_describe(e)}; retrying{at} in {delay:.3g} s "
                                   f"(attempt {failures + 1} of {policy.attempts})", delay, failures + 1,
                                   policy.attempts))
                 sleep(delay)

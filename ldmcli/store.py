@@ -319,10 +319,11 @@ class DownloadSummary:
         total = len(self.done) + len(self.skipped) + len(self.failed)
         if total == 1:
             return self.failed[0][1]
-        reasons = "; ".join(f"{name}: {err}" for name, err in self.failed)
-        return DownloadError(f"{len(self.failed)} of {total} entries failed ({reasons}); "
-                             f"the others are complete, rerun 'ldm download "
-                             f"{' '.join(n for n, _ in self.failed)}' to retry")
+        names = [name for name, _ in self.failed]
+        first_name, first = self.failed[0]
+        others = "; the others are complete" if len(self.failed) < total else ""
+        return DownloadError(f"{len(self.failed)} of {total} entries failed: {', '.join(names)} (first: {first_name}: "
+                             f"{first}){others}; rerun 'ldm download {' '.join(names)}' to retry")
 
 
 def download_entries(names: Iterable[str], *, force: bool = False, progress: ProgressCallback | None = None,

@@ -225,3 +225,54 @@ def test_two_concurrent_processes_produce_one_correct_file(mirror, data_home):
     assert (paths.ldm_dir("cin256-v2") / "model.ckpt").read_bytes() == data
     assert len(mirror.gets(CIN_V2)) == 1  # the second waited for the lock and found the file complete
     assert names_in(paths.ldm_dir("cin256-v2")) == ["model.ckpt"]
+
+
+def test_offline_names_the_model_and_its_assets_at_once(mirror, monkeypatch):
+    monkeypatch.setenv("LDM_OFFLINE", "1")
+    vocab = paths.assets_dir() / "bert-base-uncased" / "vocab.txt"
+    ckpt = paths.ldm_dir("text2img-large") / "model.ckpt"
+    assert store.missing(["txt2img-f8-large"]) == {"bert-base-uncased": [vocab], "txt2img-f8-large": [ckpt]}
+    for call in (lambda: store.require(["txt2img-f8-large", "kl-f8"]),
+                 lambda: store.checkpoint_path("txt2img-f8-large")):
+        with pytest.raises(OfflineError) as e:
+            call()
+        msg = str(e.value)
+        assert str(vocab) in msg and str(ckpt) in msg and "\n" not in msg
+    assert "ldm download txt2img-f8-large kl-f8" in str(
+        pytest.raises(OfflineError, store.require, ["txt2img-f8-large", "kl-f8"]).value)
+    assert mirror.log == []
+    monkeypatch.delenv("LDM_OFFLINE")
+    store.require(["txt2img-f8-large"])  # network allowed: nothing to refuse (the download happens on use)
+
+
+def test_offline_require_passes_when_everything_is_there(mirror, monkeypatch):
+    mirror.add(CIN_V2, b"weights")
+    store.ensure("cin256-v2")
+    monkeypatch.setenv("LDM_OFFLINE", "1")
+    store.require(["cin256-v2", "digits"])
+    assert store.missing(["cin256-v2"]) == {}
+
+
+def test_builtin_model_needs_no_data_dir(tmp_path, monkeypatch, cli):
+    afile = tmp_path / "home-is-a-file"
+    afile.write_text("keep me")
+    monkeypatch.setenv("LDM_HOME", str(afile))
+    assert store.checkpoint_path("digits").is_file()
+    store.require(["digits"])
+    with pytest.raises(LdmError, match="is not a folder"):
+        store.ensure("kl-f8")
+    r = cli("sample", "digits", "--class", "3", "-n", "1", "-c", "2", "--outdir", str(tmp_path / "out"))
+    assert r.exit_code == 0, r
+    assert list((tmp_path / "out" / "samples").iterdir()) and afile.read_text() == "keep me"
+
+
+def test_download_entries_reports_events_and_collects_failures(mirror):
+    mirror.add(CIN_V2, b"weights")
+    events = []
+    summary = store.download_entries(["kl-f8", "cin256-v2"], on_event=events.append)
+    assert [(e.kind, e.name) for e in events] == [("start", "kl-f8"), ("failed", "kl-f8"), ("start", "cin256-v2"),
+                                                  ("done", "cin256-v2")]
+    assert summary.done == ["cin256-v2"] and [n for n, _ in summary.failed] == ["kl-f8"]
+    assert "404" in str(events[1].error) and "1 of 2 entries failed: kl-f8" in str(summary.error())
+    summary = store.download_entries(["cin256-v2"])
+    assert summary.skipped == ["cin256-v2"] and summary.error() is None
