@@ -515,7 +515,8 @@ def _describe(e: BaseException) -> str:
     text = _OBJECT_PREFIX.sub("", text)
     if len(text) > 160:
         text = text[:157] + "..."
-    return f"{type(inner).__name__}: {text}" if text else type(inner).__name__
+    kind = type(inner).__name__
+    return text if text.startswith(kind) else f"{kind}: {text}" if text else kind
 
 
 # ---------------------------------------------------------------------------------------------------- archives
