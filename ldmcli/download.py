@@ -461,6 +461,8 @@ def fetch(
                 failures = 1 if received else failures + 1  # progress resets the count: a flaky link still finishes
                 have = part.stat().st_size if part.exists() else 0
                 if failures >= policy.attempts:
+                    if not have:
+                        discard_partial(target)  # an empty .part (and its validators) would only mislead
                     kept = f"{human(have)} kept in {part.name}, rerun to resume" if have else "rerun to try again"
                     raise DownloadError(
                         f"{url}: {_describe(e)} (gave up after {failures} attempt(s); {kept})"

@@ -182,20 +182,21 @@ def ensure(name: str, *, force: bool = False, progress: ProgressCallback | None 
     return dest
 
 
-def checkpoint_path(name: str, *, progress: ProgressCallback | None = None) -> Path:
+def checkpoint_path(name: str, *, progress: ProgressCallback | None = None,
+                    notice: NoticeCallback | None = None) -> Path:
     """The checkpoint file of model entry ``name`` (downloaded on first use), e.g. ``.../kl-f8/model.ckpt``."""
     entry = zoo.get(name)
     if entry.checkpoint is None:
         raise LdmError(f"{entry.name} is a {entry.kind.replace('_', ' ')}, not a model with a checkpoint")
-    return ensure(entry.name, progress=progress) / entry.checkpoint
+    return ensure(entry.name, progress=progress, notice=notice) / entry.checkpoint
 
 
-def asset_path(name: str, *, progress: ProgressCallback | None = None) -> Path:
+def asset_path(name: str, *, progress: ProgressCallback | None = None, notice: NoticeCallback | None = None) -> Path:
     """The folder of asset ``name`` (downloaded on first use): ``asset_path("bert-base-uncased") / "vocab.txt"``."""
     entry = zoo.get(name)
     if entry.kind != "asset":
         raise LdmError(f"{entry.name} is a {entry.kind.replace('_', ' ')}, not an asset")
-    return ensure(entry.name, progress=progress)
+    return ensure(entry.name, progress=progress, notice=notice)
 
 
 FileStatus = Literal["ok", "mismatch", "missing", "unrecorded"]

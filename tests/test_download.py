@@ -573,3 +573,13 @@ def test_data_dir_that_is_a_file_is_named_correctly(cli, tmp_path, monkeypatch, 
     assert afile.read_text() == "x"
     r = cli("download", "--list") if how != "--data-dir" else cli("--data-dir", str(afile), "download", "--verify")
     assert r.exit_code == 2 and "is not a folder" in r.stderr, r
+
+
+def test_giving_up_before_any_byte_leaves_no_empty_partial(file_server, tmp_path):
+    url = file_server.add("/f/z.bin", payload(100_000, seed=21))
+    for _ in range(2):
+        file_server.fault("/f/z.bin", "drop", after=0)
+    with pytest.raises(DownloadError) as e:
+        download.fetch(url, tmp_path / "z.bin", policy=RetryPolicy(attempts=2, backoff=0.0), sleep=lambda s: None)
+    assert "gave up after 2 attempt(s); rerun to try again" in str(e.value)
+    assert leftovers(tmp_path) == []
