@@ -368,6 +368,7 @@ def fetch(
     first_offset: int | None = None
     hashed: tuple[int, dict[str, Any]] | None = None  # (bytes hashed, hashers) carried across retries
     restarted = False  # the partial was thrown away once because it did not belong to the remote file
+    moved = False  # bytes arrived in this call: a later DNS/refused error is a dropped link, retried as usual
 
     with requests.Session() as session:
         while True:
@@ -453,8 +454,9 @@ def fetch(
                         discard_partial(target)
                         raise DownloadError(f"{url}: received {done} bytes, expected {total}")
             except retryable as e:
+                moved = moved or received > 0
                 why = unreachable_reason(e)
-                if why is not None and not received:
+                if why is not None and not moved:  # unreachable from the start: the network, not a hiccup
                     if part.exists() and not part.stat().st_size:
                         discard_partial(target)
                     raise _unreachable_error(url, why) from None

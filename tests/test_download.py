@@ -583,3 +583,17 @@ def test_giving_up_before_any_byte_leaves_no_empty_partial(file_server, tmp_path
         download.fetch(url, tmp_path / "z.bin", policy=RetryPolicy(attempts=2, backoff=0.0), sleep=lambda s: None)
     assert "gave up after 2 attempt(s); rerun to try again" in str(e.value)
     assert leftovers(tmp_path) == []
+
+
+def test_server_gone_in_the_middle_of_a_download_is_retried_then_keeps_the_partial(file_server, tmp_path):
+    url = file_server.add("/f/w.bin", payload(200_000, seed=22))
+    file_server.fault("/f/w.bin", "drop", after=50_000)
+    slept = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        file_server.close()  # the next attempts are refused: a link that dropped, not a host that never answered
+
+    with pytest.raises(DownloadError) as e:
+        download.fetch(url, tmp_path / "w.bin", policy=RetryPolicy(attempts=3, backoff=0.0), sleep=sleep)
+    assert len(slept) == 2 and "gave up after 3 attempt(s); 50.0 kB kept in w.bin.part" in str(e.value)
