@@ -49,7 +49,7 @@ class PlainProgress:
         self.current = None
 
     def notice(self, notice: download.Notice) -> None:
-        self.console.print(f"{self.label}: {notice}", markup=False, soft_wrap=True)
+        self.console.print(f"{self.label}: {notice}", markup=False, highlight=False, soft_wrap=True)
 
     def stop(self) -> None:
         self.flush()
@@ -78,7 +78,7 @@ class RichProgress:
         self.progress.update(self.tasks[key], completed=done, total=total)
 
     def notice(self, notice: download.Notice) -> None:
-        self.progress.console.print(f"{self.label}: {notice}", markup=False, soft_wrap=True)
+        self.progress.console.print(f"{self.label}: {notice}", markup=False, highlight=False, soft_wrap=True)
 
     def stop(self) -> None:
         self.progress.stop()
