@@ -15,6 +15,7 @@ weights in memory) under a temporary name and moves it into place when complete.
 from __future__ import annotations
 
 import codecs
+import errno
 import json
 import os
 import pickle
@@ -87,34 +88,52 @@ def _allowed_globals() -> list[tuple[object, str]]:
 _GLOBAL_RE = re.compile(r"GLOBAL\s+([\w.]+)")
 
 
-def _refused_global(error: Exception, path: Path) -> str:
-    """The name of the global that made ``torch.load(weights_only=True)`` refuse ``path``, as well as can be told."""
+def corrupt_error(path: Path) -> CheckpointError:
+    """The one-line error for a file that is not a readable checkpoint at all (cut short, garbage, an HTML page)."""
+    return CheckpointError(f"{path}: not a checkpoint (truncated or corrupt)")
+
+
+def _unreadable(path: Path, error: BaseException) -> CheckpointError:
+    """A read error: permission and I/O problems say so; anything else means the bytes are not a checkpoint."""
+    if isinstance(error, PermissionError):
+        return CheckpointError(f"cannot read {path}: permission denied")
+    if isinstance(error, OSError) and error.errno == errno.EIO:
+        return CheckpointError(f"cannot read {path}: input/output error (a failing disk?)")
+    return corrupt_error(path)
+
+
+def _refused_global(error: Exception, path: Path) -> str | None:
+    """The global that made ``torch.load(weights_only=True)`` refuse ``path``; None when the file is no well-formed
+    pickle at all (random bytes and truncated files also end up in torch's "unsupported global" error)."""
     match = _GLOBAL_RE.search(str(error))
     if match:
         return match.group(1)
     try:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except Exception:  # noqa: BLE001 - only used to improve the message
-        unsafe = []
+    except Exception:  # noqa: BLE001 - a file this cannot even scan is corrupt
+        return None
     allowed = {name for _, name in _allowed_globals()}
     unsafe = [name for name in unsafe if name not in allowed]
-    return unsafe[0] if unsafe else "an unsupported pickle instruction"
+    return unsafe[0] if unsafe else None
 
 
 def _load_pickle(path: Path) -> dict:
+    if path.stat().st_size == 0:
+        raise corrupt_error(path)
     mmap = zipfile.is_zipfile(path)  # the legacy (pre-1.6) tar format cannot be memory-mapped
     try:
         with torch.serialization.safe_globals(_allowed_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         name = _refused_global(e, path)
+        if name is None:
+            raise corrupt_error(path) from None
         raise CheckpointError(
             f"refusing to load {path.name}: it needs the Python global {name}, which is not on the allow-list of "
             f"safe checkpoint contents (loading it could run arbitrary code)"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {first_line}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, UnicodeDecodeError, struct.error) as e:
+        raise _unreadable(path, e) from None
     return obj
 
 
@@ -156,7 +175,7 @@ def load_safetensors(path: str | os.PathLike) -> Checkpoint:
             metadata = dict(f.metadata() or {})
             state_dict = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path}: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}") from None
+        raise _unreadable(path, e) from None
     aliases = json.loads(metadata.get(META_ALIASES, "{}"))
     for alias, canonical in aliases.items():
         if canonical not in state_dict:

@@ -8,16 +8,26 @@ fails at once. The size is checked against Content-Length / Content-Range, the s
 Zip archives are extracted entry by entry into a temporary folder next to the target, rejecting ``..``, absolute
 paths, links and special files, and renamed into place only when everything extracted cleanly.
 
-Library code: progress goes through ``progress(done_bytes, total_bytes_or_None, file_name)``; nothing is printed.
+A host that cannot be reached at all (the name does not resolve, the connection is refused) is not retried: that is
+the state of the network, not a hiccup, and the error says so at once, naming the URL, ``LDM_MIRROR`` and
+``--offline``. ``LDM_DOWNLOAD_RETRIES=N`` allows N retries after the first attempt (N + 1 attempts in a row without
+progress; a retry that moves bytes resets the count).
+
+Library code: progress goes through ``progress(done_bytes, total_bytes_or_None, file_name)``; what is retried and
+when (and waiting for another process's lock) goes to ``notice(Notice)`` (or ``progress.notice`` when ``progress`` is
+an object with that method); nothing is printed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import stat
 import tempfile
 import time
@@ -25,7 +35,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from filelock import FileLock
@@ -35,6 +45,34 @@ from ldmcli.errors import DownloadError, UsageError
 from ldmcli.fileio import atomic_write_text
 
 ProgressCallback = Callable[[int, "int | None", str], None]
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something the user should hear about while a download waits: a ``retry`` (after ``delay`` seconds, attempt
+    ``attempt`` of ``attempts``) or ``waiting`` for another process that holds the file's lock. ``str()`` is the line
+    to show."""
+
+    kind: Literal["retry", "waiting"]
+    file: str
+    message: str
+    delay: float | None = None
+    attempt: int | None = None
+    attempts: int | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+
+NoticeCallback = Callable[[Notice], None]
+
+
+def notice_sink(progress: Any, notice: NoticeCallback | None = None) -> NoticeCallback | None:
+    """``notice`` if given, else ``progress.notice`` when the progress object has one (renderers that show both)."""
+    if notice is not None:
+        return notice
+    method = getattr(progress, "notice", None)
+    return method if callable(method) else None
 
 CHUNK = 1 << 20
 MANIFEST = "manifest.json"
@@ -72,6 +110,7 @@ def default_policy() -> RetryPolicy:
         return value
 
     timeout = number("LDM_DOWNLOAD_TIMEOUT", 60.0)
+    # LDM_DOWNLOAD_RETRIES counts retries, as the name says: 0 = one attempt only, 5 (default) = up to 6 attempts
     return RetryPolicy(
         attempts=1 + number("LDM_DOWNLOAD_RETRIES", 5, int),
         backoff=number("LDM_DOWNLOAD_BACKOFF", 1.0),
@@ -123,11 +162,54 @@ def check_space(folder: Path, needed: int) -> None:
 
 
 @contextlib.contextmanager
-def locked(target: Path) -> Iterator[None]:
-    """Hold the per-target lock ``<target>.lock`` (an OS lock: released even if the process is killed)."""
+def lock_file(path: Path, notice: NoticeCallback | None = None, what: str = "") -> Iterator[None]:
+    """Hold the OS lock on ``path`` (released even if the process is killed) and delete ``path`` when done.
+
+    Deleting a lock file is safe only if a waiter that locked the old (deleted) file notices: after locking, the
+    descriptor must still be the file at ``path``, else it is closed and the lock taken again on the new file.
+    ``notice`` hears once when another process holds the lock (``what`` names the file it is for).
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: filelock deletes its lock files there itself
+        with FileLock(str(path)):
+            yield
+        return
+    told = False
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if notice is not None and not told:
+                    told = True
+                    name = what or path.name.removesuffix(".lock")
+                    notice(Notice("waiting", name, f"{name}: waiting for another process that is downloading it"))
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                current = None
+            if current is not None and os.path.samestat(os.fstat(fd), current):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # the holder deleted the file we locked: lock the new one
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def locked(target: Path, notice: NoticeCallback | None = None) -> Iterator[None]:
+    """Hold the per-target lock ``<target>.lock``; the lock file is removed when released."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(target) + ".lock")
-    with lock:
+    with lock_file(Path(str(target) + ".lock"), notice, target.name):
         yield
 
 
@@ -168,6 +250,41 @@ class FetchResult:
 
 class _Transient(Exception):
     """A failure worth retrying (5xx, a connection closed early)."""
+
+
+def _causes(e: BaseException) -> Iterator[BaseException]:
+    """``e`` and every exception it wraps (``reason``, exception arguments, ``__cause__``, ``__context__``)."""
+    seen: set[int] = set()
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        yield x
+        stack.extend(a for a in getattr(x, "args", ()) if isinstance(a, BaseException))
+        reason = getattr(x, "reason", None)
+        if isinstance(reason, BaseException):
+            stack.append(reason)
+        stack.extend((x.__cause__, x.__context__))
+
+
+def unreachable_reason(e: BaseException) -> str | None:
+    """Why the host cannot be reached at all (DNS failure, connection refused), or None for other errors."""
+    for x in _causes(e):
+        if isinstance(x, socket.gaierror) or type(x).__name__ == "NameResolutionError":
+            return "its name does not resolve: no network?"
+        if isinstance(x, ConnectionRefusedError) or (isinstance(x, OSError) and x.errno == errno.ECONNREFUSED):
+            return "connection refused"
+        if isinstance(x, OSError) and x.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+            return "network unreachable"
+    return None
+
+
+def _unreachable_error(url: str, why: str) -> DownloadError:
+    host = urlsplit(url).netloc or url
+    return DownloadError(f"cannot reach {host} ({why}) for {url}; set LDM_MIRROR to a reachable mirror, or use "
+                         "--offline to work with downloaded files only")
 
 
 def _hash_file(path: Path, algorithms: tuple[str, ...], limit: int | None = None) -> dict[str, Any]:
@@ -224,16 +341,20 @@ def fetch(
     progress: ProgressCallback | None = None,
     lock: bool = True,
     sleep: Callable[[float], None] = time.sleep,
+    notice: NoticeCallback | None = None,
 ) -> FetchResult:
     """Download ``url`` to ``target``: resumable (``<target>.part``), retried, size- and checksum-checked, atomic.
 
     ``extra_space`` is added to the free-space requirement (e.g. room to extract an archive); ``size_hint`` is used
     for that check when the server sends no length. ``lock=False`` when the caller already holds :func:`locked`.
+    ``notice`` hears each retry before its wait (see :class:`Notice`). A host that does not resolve or refuses the
+    connection fails at once with a :class:`DownloadError` (no retries).
     """
+    notice = notice_sink(progress, notice)
     if lock:
-        with locked(target):
+        with locked(target, notice):
             return fetch(url, target, md5=md5, sha256=sha256, extra_space=extra_space, size_hint=size_hint,
-                         policy=policy, progress=progress, lock=False, sleep=sleep)
+                         policy=policy, progress=progress, lock=False, sleep=sleep, notice=notice)
     import requests
 
     policy = policy or default_policy()
@@ -247,6 +368,7 @@ def fetch(
     first_offset: int | None = None
     hashed: tuple[int, dict[str, Any]] | None = None  # (bytes hashed, hashers) carried across retries
     restarted = False  # the partial was thrown away once because it did not belong to the remote file
+    moved = False  # bytes arrived in this call: a later DNS/refused error is a dropped link, retried as usual
 
     with requests.Session() as session:
         while True:
@@ -332,14 +454,28 @@ def fetch(
                         discard_partial(target)
                         raise DownloadError(f"{url}: received {done} bytes, expected {total}")
             except retryable as e:
+                moved = moved or received > 0
+                why = unreachable_reason(e)
+                if why is not None and not moved:  # unreachable from the start: the network, not a hiccup
+                    if part.exists() and not part.stat().st_size:
+                        discard_partial(target)
+                    raise _unreachable_error(url, why) from None
                 failures = 1 if received else failures + 1  # progress resets the count: a flaky link still finishes
+                have = part.stat().st_size if part.exists() else 0
                 if failures >= policy.attempts:
-                    have = part.stat().st_size if part.exists() else 0
+                    if not have:
+                        discard_partial(target)  # an empty .part (and its validators) would only mislead
+                    kept = f"{human(have)} kept in {part.name}, rerun to resume" if have else "rerun to try again"
                     raise DownloadError(
-                        f"{url}: {_describe(e)} (gave up after {failures} attempt(s); "
-                        f"{human(have)} kept in {part.name}, rerun to resume)"
-                    ) from e
-                sleep(policy.delay(failures))
+                        f"{url}: {_describe(e)} (gave up after {failures} attempt(s); {kept})"
+                    ) from None
+                delay = policy.delay(failures)
+                if notice is not None:
+                    at = f" at {human(have)}" if have else ""
+                    notice(Notice("retry", name, f"{name}: {_describe(e)}; retrying{at} in {delay:.3g} s "
+                                  f"(attempt {failures + 1} of {policy.attempts})", delay, failures + 1,
+                                  policy.attempts))
+                sleep(delay)
                 continue
             break
 
@@ -363,9 +499,28 @@ def _read_some(raw: Any) -> bytes:
     return raw.read(64 * 1024)
 
 
+_OBJECT_PREFIX = re.compile(r"^<[^>]*>: |^\w*Connection(?:Pool)?\(host=[^)]*\): ")
+
+
 def _describe(e: BaseException) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+    """A short reason for ``e``: the innermost cause of a requests/urllib3 error, not its 400-character wrapping."""
+    import requests
+
+    if isinstance(e, _Transient):
+        return str(e)
+    if isinstance(e, requests.Timeout):
+        return "the server stopped answering (timeout)"
+    inner = e
+    for x in _causes(e):
+        if x is not e and not isinstance(x, (requests.RequestException,)) and type(x).__name__ != "MaxRetryError":
+            inner = x
+            break
+    text = str(inner).strip().splitlines()[0] if str(inner).strip() else ""
+    text = _OBJECT_PREFIX.sub("", text)
+    if len(text) > 160:
+        text = text[:157] + "..."
+    kind = type(inner).__name__
+    return text if text.startswith(kind) else f"{kind}: {text}" if text else kind
 
 
 # ---------------------------------------------------------------------------------------------------- archives
@@ -478,8 +633,13 @@ def read_manifest() -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         data = {}
-    except (OSError, json.JSONDecodeError) as e:
+    except NotADirectoryError:
+        paths.require_data_dir()  # names the file that stands where a folder should be
+        raise
+    except json.JSONDecodeError as e:
         raise DownloadError(f"cannot read {path}: {_describe(e)} (delete it to start a new manifest)") from e
+    except OSError as e:
+        raise DownloadError(f"cannot read {path}: {e.strerror or _describe(e)}") from e
     data.setdefault("version", 1)
     data.setdefault("files", {})
     return data
@@ -488,9 +648,10 @@ def read_manifest() -> dict[str, Any]:
 def update_manifest(records: dict[str, dict[str, Any]] | None = None,
                     remove: list[str] | tuple[str, ...] = ()) -> None:
     """Add/replace ``records`` and drop ``remove`` keys, atomically (temp file + rename) under ``manifest.json.lock``."""
+    paths.require_data_dir()
     path = manifest_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
+    with lock_file(Path(str(path) + ".lock")):
         data = read_manifest()
         for key in remove:
             data["files"].pop(key, None)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import platformdirs
 
+from ldmcli.errors import UsageError
+
 _override: contextvars.ContextVar[Path | None] = contextvars.ContextVar("ldm_data_dir", default=None)
 _offline: contextvars.ContextVar[bool] = contextvars.ContextVar("ldm_offline", default=False)
 
@@ -36,6 +38,28 @@ def data_dir() -> Path:
     if env:
         return Path(env).expanduser().resolve()
     return Path(platformdirs.user_data_dir("ldmcli", appauthor=False))
+
+
+def data_dir_source() -> str:
+    """Where the data directory comes from, for messages: ``--data-dir``, ``LDM_HOME`` or ``the default``."""
+    if _override.get() is not None:
+        return "--data-dir"
+    return "LDM_HOME" if os.environ.get("LDM_HOME") else "the default"
+
+
+def require_data_dir() -> Path:
+    """The data directory, after checking that it is (or can become) a folder: a :class:`UsageError` names the file
+    standing in the way. Only what reads or writes the data directory calls this; the built-in models never do."""
+    folder = data_dir()
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "" if probe == folder else f" ({probe} is a file)"
+        source = data_dir_source()
+        fix = f"point {source} at a folder" if source != "the default" else "set LDM_HOME or --data-dir to a folder"
+        raise UsageError(f"the data directory {folder} is not a folder{where}: {fix} (it is created if missing)")
+    return folder
 
 
 def models_dir() -> Path:

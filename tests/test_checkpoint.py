@@ -183,3 +183,48 @@ def test_match_state_dict_rules():
     with pytest.raises(CheckpointError, match="model_ema.w"):
         match_state_dict({**expected, "model_ema.w": (2, 3)}, good)
     assert LightningModelCheckpointStub.__name__ == "LightningModelCheckpointStub"
+
+
+def _corrupt_files(tmp_path):
+    torch.save({"state_dict": _state_dict(), "global_step": 3}, tmp_path / "good.ckpt")
+    good = (tmp_path / "good.ckpt").read_bytes()
+    save_safetensors(tmp_path / "good.safetensors", _state_dict())
+    good_st = (tmp_path / "good.safetensors").read_bytes()
+    rng = np.random.default_rng(0)
+    return {
+        "truncated-half.ckpt": good[: len(good) // 2],
+        "truncated-tail.ckpt": good[:-60],  # the zip's central directory is gone
+        "random.ckpt": rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(),
+        "html.ckpt": b"<html><body>404 Not Found</body></html>",
+        "empty.ckpt": b"",
+        "truncated.safetensors": good_st[: len(good_st) // 2],
+        "random.safetensors": rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(),
+        "header-only.safetensors": good_st[:20],
+    }
+
+
+def test_truncated_or_random_files_are_one_line_not_a_checkpoint(tmp_path):
+    for name, data in _corrupt_files(tmp_path).items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint(path)
+        assert str(err.value) == f"{path}: not a checkpoint (truncated or corrupt)", name
+    assert load_checkpoint(tmp_path / "good.ckpt").global_step == 3  # the intact files still load
+    assert set(load_checkpoint(tmp_path / "good.safetensors").state_dict) == set(_state_dict())
+
+
+def test_read_errors_are_not_called_corrupt(tmp_path, monkeypatch):
+    import errno
+
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": _state_dict()}, path)
+    for error, text in ((PermissionError(errno.EACCES, "Permission denied"), "permission denied"),
+                        (OSError(errno.EIO, "Input/output error"), "input/output error")):
+        def fail(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(torch, "load", fail)
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint(path)
+        assert str(err.value).startswith(f"cannot read {path}: {text}") and "corrupt" not in str(err.value)

@@ -118,7 +118,7 @@ def test_404_is_immediate_clear_error_and_nothing_is_written(file_server, tmp_pa
     with pytest.raises(DownloadError) as e:
         download.fetch(url, tmp_path / "m.bin", policy=FAST, sleep=lambda s: pytest.fail("4xx must not retry"))
     assert url in str(e.value) and "404" in str(e.value)
-    assert leftovers(tmp_path) == ["m.bin.lock"]
+    assert leftovers(tmp_path) == []  # no .lock left behind either
     assert len(file_server.gets("/missing.bin")) == 1
 
 
@@ -126,7 +126,7 @@ def test_checksum_mismatch_deletes_partial(file_server, tmp_path):
     url = file_server.add("/f/g.bin", b"hello")
     with pytest.raises(DownloadError, match="md5 mismatch"):
         download.fetch(url, tmp_path / "g.bin", md5="0" * 32, policy=FAST)
-    assert leftovers(tmp_path) == ["g.bin.lock"]
+    assert leftovers(tmp_path) == []
     r = download.fetch(url, tmp_path / "g.bin", md5=hashlib.md5(b"hello").hexdigest(),
                        sha256=hashlib.sha256(b"hello").hexdigest()[:8], policy=FAST)
     assert r.path.read_bytes() == b"hello"
@@ -139,7 +139,7 @@ def test_disk_space_is_checked_before_transfer(file_server, tmp_path, monkeypatc
         download.fetch(url, tmp_path / "h.bin", policy=FAST)
     msg = str(e.value)
     assert "need 2.0 MB" in msg and "1.0 MB free" in msg
-    assert leftovers(tmp_path) == ["h.bin.lock"]
+    assert leftovers(tmp_path) == []
 
 
 def test_mirror_url_replaces_scheme_and_host_keeps_path_and_query(monkeypatch):
@@ -395,4 +395,205 @@ def test_resume_of_a_file_that_changed_upstream_restarts_instead_of_splicing(fil
     last = file_server.gets("/f/v.bin")[-1]
     assert last.range == "bytes=100000-"
     assert (tmp_path / "v.bin").read_bytes() == new
-    assert leftovers(tmp_path) == ["v.bin", "v.bin.lock"]
+    assert leftovers(tmp_path) == ["v.bin"]
+
+
+# ------------------------------------------------------------------------------ unreachable hosts, retries, locks
+
+
+def _no_dns(monkeypatch):
+    import socket
+
+    calls = []
+
+    def getaddrinfo(host, *args, **kwargs):
+        calls.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return calls
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once it is closed: connections are refused
+
+
+def test_dns_failure_fails_at_once_with_one_line_naming_host_file_and_remedies(monkeypatch, tmp_path):
+    import time
+
+    calls = _no_dns(monkeypatch)
+    url = "https://ommer-lab.com/files/latent-diffusion/kl-f8.zip"
+    policy = RetryPolicy(attempts=6, backoff=1.0)  # the default: a transient error would take 31 s here
+    started = time.monotonic()
+    with pytest.raises(DownloadError) as e:
+        download.fetch(url, tmp_path / "model.zip", policy=policy, notice=lambda n: pytest.fail("no retry"))
+    assert time.monotonic() - started < 2.0
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 250, msg
+    assert "ommer-lab.com" in msg and "kl-f8.zip" in msg and "LDM_MIRROR" in msg and "--offline" in msg
+    assert "does not resolve" in msg and "HTTPSConnectionPool" not in msg
+    assert calls == ["ommer-lab.com"]
+    assert leftovers(tmp_path) == []  # no .part, no .lock
+
+
+def test_connection_refused_fails_at_once(tmp_path):
+    import time
+
+    url = f"http://127.0.0.1:{_closed_port()}/files/vocab.txt"
+    started = time.monotonic()
+    with pytest.raises(DownloadError) as e:
+        download.fetch(url, tmp_path / "vocab.txt", policy=RetryPolicy(attempts=6, backoff=1.0))
+    assert time.monotonic() - started < 2.0
+    msg = str(e.value)
+    assert "connection refused" in msg and url in msg and "LDM_MIRROR" in msg and "\n" not in msg
+    assert leftovers(tmp_path) == []
+
+
+def test_cli_offline_machine_fails_fast_with_one_line(cli, monkeypatch):
+    import time
+
+    _no_dns(monkeypatch)
+    started = time.monotonic()
+    r = cli("download", "kl-f8")
+    assert time.monotonic() - started < 2.0
+    assert r.exit_code == 1, r
+    assert len(r.stderr.strip().splitlines()) == 1 and "ommer-lab.com" in r.stderr and "--offline" in r.stderr
+    assert leftovers(paths.first_stage_dir("kl-f8")) == []
+
+
+def test_retries_are_announced_with_their_delay_and_attempt(file_server, tmp_path):
+    data = payload(50_000, seed=20)
+    url = file_server.add("/f/r.bin", data)
+    file_server.fault("/f/r.bin", "status", code=503)
+    file_server.fault("/f/r.bin", "drop", after=20_000)
+    heard, slept = [], []
+    policy = RetryPolicy(attempts=3, backoff=0.5, connect_timeout=5, read_timeout=5)
+    download.fetch(url, tmp_path / "r.bin", policy=policy, notice=heard.append, sleep=slept.append)
+    assert (tmp_path / "r.bin").read_bytes() == data
+    assert [n.kind for n in heard] == ["retry", "retry"] and slept == [0.5, 0.5]  # bytes moved: the count restarts
+    assert str(heard[0]) == "r.bin: HTTP 503 Service Unavailable; retrying in 0.5 s (attempt 2 of 3)"
+    assert str(heard[1]).startswith("r.bin: ") and "retrying at 20.0 kB in 0.5 s (attempt 2 of 3)" in str(heard[1])
+
+
+def test_retries_variable_counts_retries_and_no_partial_is_claimed(file_server, tmp_path, monkeypatch):
+    url = file_server.add("/f/p.bin", b"data")
+    for _ in range(5):
+        file_server.fault("/f/p.bin", "status", code=502)
+    monkeypatch.setenv("LDM_DOWNLOAD_RETRIES", "2")
+    monkeypatch.setenv("LDM_DOWNLOAD_BACKOFF", "0")
+    with pytest.raises(DownloadError) as e:
+        download.fetch(url, tmp_path / "p.bin")
+    assert len(file_server.gets("/f/p.bin")) == 3  # the first attempt and 2 retries
+    msg = str(e.value)
+    assert "gave up after 3 attempt(s)" in msg and "kept in" not in msg and "rerun to try again" in msg
+    assert leftovers(tmp_path) == []
+
+
+def test_cli_shows_the_retry_on_stderr(cli, mirror, monkeypatch):
+    serve_kl_f8(mirror)
+    mirror.fault("/files/latent-diffusion/kl-f8.zip", "status", code=503)
+    monkeypatch.setenv("LDM_DOWNLOAD_BACKOFF", "0")
+    r = cli("download", "kl-f8")
+    assert r.exit_code == 0, r
+    assert "kl-f8: model.zip: HTTP 503 Service Unavailable; retrying in 0 s (attempt 2 of 6)" in r.stderr
+    assert "kl-f8: complete" in r.stderr
+
+
+def test_lock_file_is_removed_and_still_excludes_waiters(tmp_path):
+    import threading
+    import time
+
+    lock = tmp_path / "x.lock"
+    inside, most, heard = [0], [0], []
+    guard = threading.Lock()
+
+    def worker() -> None:
+        for _ in range(20):
+            with download.lock_file(lock, heard.append):
+                with guard:
+                    inside[0] += 1
+                    most[0] = max(most[0], inside[0])
+                time.sleep(0.0005)
+                with guard:
+                    inside[0] -= 1
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1  # never two holders, although each release deletes the file others wait on
+    assert not lock.exists()
+    assert heard and all(n.kind == "waiting" and "another process" in str(n) for n in heard)
+
+
+# ------------------------------------------------------------------------------------ groups, offline, data dir
+
+
+def test_cli_group_goes_on_past_a_failed_entry_and_names_every_failure(cli, mirror):
+    serve_kl_f8(mirror)  # kl-f4 and vq-f4 are not served: 404
+    r = cli("download", "kl-f4", "kl-f8", "vq-f4")
+    assert r.exit_code == 1, r
+    assert (paths.first_stage_dir("kl-f8") / "model.ckpt").read_bytes() == b"kl-f8 weights"
+    assert "kl-f8: complete" in r.stderr and "kl-f4: FAILED" in r.stderr and "vq-f4: FAILED" in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("ldm: error: 2 of 3 entries failed: kl-f4, vq-f4") and "404" in last
+    assert "rerun 'ldm download kl-f4 vq-f4'" in last
+    r = cli("download", "-q", "kl-f4", "kl-f8")
+    assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1 and "kl-f4" in r.stderr, r
+
+
+def test_cli_offline_names_every_missing_file_at_once(cli, mirror):
+    r = cli("--offline", "download", "txt2img-f8-large")
+    assert r.exit_code == 1, r
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert str(paths.assets_dir() / "bert-base-uncased" / "vocab.txt") in r.stderr
+    assert str(paths.ldm_dir("text2img-large") / "model.ckpt") in r.stderr
+    assert "2 file(s) are missing" in r.stderr and mirror.log == []
+
+
+@pytest.mark.parametrize("how", ["LDM_HOME", "--data-dir", "below a file"])
+def test_data_dir_that_is_a_file_is_named_correctly(cli, tmp_path, monkeypatch, how):
+    afile = tmp_path / "not-a-folder"
+    afile.write_text("x")
+    args = ("download", "kl-f8")
+    if how == "--data-dir":
+        args = ("--data-dir", str(afile), *args)
+    else:
+        monkeypatch.setenv("LDM_HOME", str(afile if how == "LDM_HOME" else afile / "sub"))
+    r = cli(*args)
+    assert r.exit_code == 2, r
+    msg = r.stderr.strip()
+    assert "\n" not in msg and "is not a folder" in msg and "delete it" not in msg
+    assert ("--data-dir" if how == "--data-dir" else "LDM_HOME") in msg
+    assert afile.read_text() == "x"
+    r = cli("download", "--list") if how != "--data-dir" else cli("--data-dir", str(afile), "download", "--verify")
+    assert r.exit_code == 2 and "is not a folder" in r.stderr, r
+
+
+def test_giving_up_before_any_byte_leaves_no_empty_partial(file_server, tmp_path):
+    url = file_server.add("/f/z.bin", payload(100_000, seed=21))
+    for _ in range(2):
+        file_server.fault("/f/z.bin", "drop", after=0)
+    with pytest.raises(DownloadError) as e:
+        download.fetch(url, tmp_path / "z.bin", policy=RetryPolicy(attempts=2, backoff=0.0), sleep=lambda s: None)
+    assert "gave up after 2 attempt(s); rerun to try again" in str(e.value)
+    assert leftovers(tmp_path) == []
+
+
+def test_server_gone_in_the_middle_of_a_download_is_retried_then_keeps_the_partial(file_server, tmp_path):
+    url = file_server.add("/f/w.bin", payload(200_000, seed=22))
+    file_server.fault("/f/w.bin", "drop", after=50_000)
+    slept = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        file_server.close()  # the next attempts are refused: a link that dropped, not a host that never answered
+
+    with pytest.raises(DownloadError) as e:
+        download.fetch(url, tmp_path / "w.bin", policy=RetryPolicy(attempts=3, backoff=0.0), sleep=sleep)
+    assert len(slept) == 2 and "gave up after 3 attempt(s); 50.0 kB kept in w.bin.part" in str(e.value)

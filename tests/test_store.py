@@ -56,7 +56,7 @@ def test_ensure_extracts_zip_records_manifest_and_is_idempotent(mirror):
     folder = store.ensure("kl-f8")
     assert folder == paths.first_stage_dir("kl-f8")
     assert store.checkpoint_path("kl-f8").read_bytes() == ckpt
-    assert names_in(folder) == ["model.ckpt", "model.zip.lock"]  # archive removed after extraction
+    assert names_in(folder) == ["model.ckpt"]  # archive removed after extraction
     record = download.read_manifest()["files"]["models/first_stage_models/kl-f8/model.ckpt"]
     assert record["sha256"] == hashlib.sha256(ckpt).hexdigest() and record["size"] == len(ckpt)
     assert record["entry"] == "kl-f8" and record["url"] == mirror.url + KL_F8
@@ -81,7 +81,7 @@ def test_asset_with_wrong_checksum_is_refused(mirror):
     mirror.add(BERT, b"[PAD]\n[UNK]\n")
     with pytest.raises(DownloadError, match="sha256 mismatch"):
         store.asset_path("bert-base-uncased")
-    assert names_in(paths.assets_dir() / "bert-base-uncased") == ["vocab.txt.lock"]
+    assert names_in(paths.assets_dir() / "bert-base-uncased") == []
 
 
 def test_offline_error_names_missing_file_and_command(mirror, monkeypatch):
@@ -99,18 +99,18 @@ def test_truncated_zip_leaves_nothing_and_next_call_refetches(mirror):
     with pytest.raises(DownloadError, match="not a valid zip"):
         store.ensure("kl-f8")
     folder = paths.first_stage_dir("kl-f8")
-    assert names_in(folder) == ["model.zip.lock"]
+    assert names_in(folder) == []
     assert names_in(folder.parent) == ["kl-f8"]  # no temporary extraction folder left
     mirror.add(KL_F8, good)
     store.ensure("kl-f8")
-    assert names_in(folder) == ["model.ckpt", "model.zip.lock"]
+    assert names_in(folder) == ["model.ckpt"]
 
 
 def test_zip_escaping_the_folder_is_rejected(mirror):
     mirror.add(KL_F8, make_zip({"model.ckpt": b"w"}, extra=zipfile.ZipInfo("../../ldm/evil.ckpt")))
     with pytest.raises(DownloadError, match="outside the target folder"):
         store.ensure("kl-f8")
-    assert names_in(paths.first_stage_dir("kl-f8")) == ["model.zip.lock"]
+    assert names_in(paths.first_stage_dir("kl-f8")) == []
     assert not (paths.models_dir() / "ldm").exists()
     assert download.read_manifest()["files"] == {}
 
@@ -224,4 +224,55 @@ def test_two_concurrent_processes_produce_one_correct_file(mirror, data_home):
     assert out[0][0] == out[1][0]
     assert (paths.ldm_dir("cin256-v2") / "model.ckpt").read_bytes() == data
     assert len(mirror.gets(CIN_V2)) == 1  # the second waited for the lock and found the file complete
-    assert names_in(paths.ldm_dir("cin256-v2")) == ["model.ckpt", "model.ckpt.lock"]
+    assert names_in(paths.ldm_dir("cin256-v2")) == ["model.ckpt"]
+
+
+def test_offline_names_the_model_and_its_assets_at_once(mirror, monkeypatch):
+    monkeypatch.setenv("LDM_OFFLINE", "1")
+    vocab = paths.assets_dir() / "bert-base-uncased" / "vocab.txt"
+    ckpt = paths.ldm_dir("text2img-large") / "model.ckpt"
+    assert store.missing(["txt2img-f8-large"]) == {"bert-base-uncased": [vocab], "txt2img-f8-large": [ckpt]}
+    for call in (lambda: store.require(["txt2img-f8-large", "kl-f8"]),
+                 lambda: store.checkpoint_path("txt2img-f8-large")):
+        with pytest.raises(OfflineError) as e:
+            call()
+        msg = str(e.value)
+        assert str(vocab) in msg and str(ckpt) in msg and "\n" not in msg
+    assert "ldm download txt2img-f8-large kl-f8" in str(
+        pytest.raises(OfflineError, store.require, ["txt2img-f8-large", "kl-f8"]).value)
+    assert mirror.log == []
+    monkeypatch.delenv("LDM_OFFLINE")
+    store.require(["txt2img-f8-large"])  # network allowed: nothing to refuse (the download happens on use)
+
+
+def test_offline_require_passes_when_everything_is_there(mirror, monkeypatch):
+    mirror.add(CIN_V2, b"weights")
+    store.ensure("cin256-v2")
+    monkeypatch.setenv("LDM_OFFLINE", "1")
+    store.require(["cin256-v2", "digits"])
+    assert store.missing(["cin256-v2"]) == {}
+
+
+def test_builtin_model_needs_no_data_dir(tmp_path, monkeypatch, cli):
+    afile = tmp_path / "home-is-a-file"
+    afile.write_text("keep me")
+    monkeypatch.setenv("LDM_HOME", str(afile))
+    assert store.checkpoint_path("digits").is_file()
+    store.require(["digits"])
+    with pytest.raises(LdmError, match="is not a folder"):
+        store.ensure("kl-f8")
+    r = cli("sample", "digits", "--class", "3", "-n", "1", "-c", "2", "--outdir", str(tmp_path / "out"))
+    assert r.exit_code == 0, r
+    assert list((tmp_path / "out" / "samples").iterdir()) and afile.read_text() == "keep me"
+
+
+def test_download_entries_reports_events_and_collects_failures(mirror):
+    mirror.add(CIN_V2, b"weights")
+    events = []
+    summary = store.download_entries(["kl-f8", "cin256-v2"], on_event=events.append)
+    assert [(e.kind, e.name) for e in events] == [("start", "kl-f8"), ("failed", "kl-f8"), ("start", "cin256-v2"),
+                                                  ("done", "cin256-v2")]
+    assert summary.done == ["cin256-v2"] and [n for n, _ in summary.failed] == ["kl-f8"]
+    assert "404" in str(events[1].error) and "1 of 2 entries failed: kl-f8" in str(summary.error())
+    summary = store.download_entries(["cin256-v2"])
+    assert summary.skipped == ["cin256-v2"] and summary.error() is None
