@@ -91,7 +91,9 @@ class Renderer:
             handler(event)
 
     def _on_Message(self, e: ev.Message) -> None:
-        if self.interactive and self.progress is None:
+        if e.always:
+            self.line(f"ldm: {self.prefix}{e.text}")
+        elif self.interactive and self.progress is None:
             self.console.print(f"ldm: {self.prefix}{e.text}", style="dim", soft_wrap=True, markup=False)
 
     def _on_DownloadProgress(self, e: ev.DownloadProgress) -> None:

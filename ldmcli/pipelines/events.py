@@ -19,9 +19,11 @@ from ldmcli.output import WrittenFile
 
 @dataclass(frozen=True)
 class Message:
-    """A stage line: "loading txt2img-f8-large", "writing model.safetensors", a conversion note."""
+    """A stage line: "loading txt2img-f8-large", "writing model.safetensors", a conversion note. ``always``: worth
+    showing in a log too (a download retry), not only on a terminal."""
 
     text: str
+    always: bool = False
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,20 @@ def messages(on_event: EventHandler) -> Callable[[str], None]:
     return lambda text: on_event(Message(text))
 
 
-def downloads(on_event: EventHandler) -> Callable[[int, int | None, str], None]:
-    """A ``progress(done, total, label)`` (what the store takes) that reports :class:`DownloadProgress` events."""
-    return lambda done, total, label: on_event(DownloadProgress(done, total, label))
+class _Downloads:
+    """What the store takes as ``progress``: ``progress(done, total, label)`` and ``progress.notice(notice)`` (retries,
+    waiting for another process), reported as :class:`DownloadProgress` and :class:`Message` events."""
+
+    def __init__(self, on_event: EventHandler) -> None:
+        self.on_event = on_event
+
+    def __call__(self, done: int, total: int | None, label: str) -> None:
+        self.on_event(DownloadProgress(done, total, label))
+
+    def notice(self, notice: Any) -> None:
+        self.on_event(Message(str(notice), always=True))
+
+
+def downloads(on_event: EventHandler) -> _Downloads:
+    """The store's ``progress`` argument, reporting through ``on_event``."""
+    return _Downloads(on_event)
