@@ -25,6 +25,7 @@ from torch.utils.data import Dataset, Sampler
 
 from ldmcli.errors import LdmError, UsageError
 from ldmcli.fileio import atomic_write_text
+from ldmcli.images import ImageReadError, read_rgb, supported_mode
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 INTERPOLATIONS = {
@@ -58,9 +59,9 @@ def _natural_key(name: str) -> tuple:
 
 def load_square_image(path: str | os.PathLike, size: int | None, interpolation: str = "bicubic",
                       flip: bool = False) -> np.ndarray:
-    """Read an image as RGB, centre-crop the largest square, resize to ``size`` and scale to [-1, 1] (``h w c``)."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
+    """Read an image as RGB (:func:`ldmcli.images.read_rgb`: 16-bit scaled, transparency over white), centre-crop
+    the largest square, resize to ``size`` and scale to [-1, 1] (``h w c``)."""
+    with Image.fromarray(read_rgb(path)) as im:
         w, h = im.size
         crop = min(w, h)
         left, top = (w - crop) // 2, (h - crop) // 2
@@ -107,8 +108,10 @@ class ImagePathsDataset(Dataset):
         path = self.paths[i]
         try:
             image = self.loader(path, self.size, self.interpolation, _flip_for(item_seed, self.flip_p))
+        except ImageReadError as e:
+            raise DataError(f"training data: {e}") from None
         except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise DataError(f"cannot read training image {path}: {e}") from e
+            raise DataError(f"cannot read training image {path}: {e}") from None
         example: dict[str, Any] = {"image": image, "index": i, "file_path_": str(path)}
         if self.labels is not None:
             example["class_label"] = self.labels[i]
@@ -139,9 +142,13 @@ class ImageFolder(ImagePathsDataset):
             if verify:
                 try:
                     with Image.open(p) as im:
+                        mode = im.mode
                         im.verify()
                 except Exception as e:  # PIL raises many types for broken files
                     report.skipped.append((str(p), f"{type(e).__name__}: {e}".strip()))
+                    continue
+                if not supported_mode(mode):
+                    report.skipped.append((str(p), f"unsupported pixel format (PIL mode {mode})"))
                     continue
             good.append(p)
         if not good:
