@@ -159,3 +159,18 @@ def test_an_image_that_fails_to_convert_names_the_file(tmp_path):
     ds = D.ImageFolder(tmp_path, 8)
     with pytest.raises(D.DataError, match=r"hot\.tif.*outside \[0, 1\]"):
         ds[1]
+
+
+def test_hold_out_is_a_fixed_split_by_file_name(tmp_path):
+    for i in range(20):
+        _img(tmp_path / "a" / f"{i}.png", value=i)
+    train, val = D.hold_out(D.ImageFolder(tmp_path / "a", 8), 0.2)
+    assert len(train) == 16 and len(val) == 4 and set(train.paths).isdisjoint(val.paths)
+    again_train, again_val = D.hold_out(D.ImageFolder(tmp_path / "a", 8), 0.2)
+    assert again_val.paths == val.paths and val[1]["file_path_"] == val.paths[1]
+    (tmp_path / "a").rename(tmp_path / "moved")  # the same files elsewhere: the same split
+    _, moved = D.hold_out(D.ImageFolder(tmp_path / "moved", 8), 0.2)
+    assert [Path(p).name for p in moved.paths] == [Path(p).name for p in val.paths]
+    assert len(D.hold_out(D.ImageFolder(tmp_path / "moved", 8), 0.001)[1]) == 1  # at least one
+    with pytest.raises(D.DataError, match="cannot hold out"):
+        D.hold_out(D.ImageFolder(tmp_path / "moved", 8), 0.99)

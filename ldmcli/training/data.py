@@ -26,6 +26,7 @@ from torch.utils.data import Dataset, Sampler
 from ldmcli.errors import LdmError, UsageError
 from ldmcli.fileio import atomic_write_text
 from ldmcli.images import ImageReadError, read_rgb, supported_mode
+from ldmcli.training.events import Progress, TrainEvent
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 INTERPOLATIONS = {
@@ -37,7 +38,6 @@ INTERPOLATIONS = {
     "area": Image.Resampling.BOX,
     "box": Image.Resampling.BOX,
 }
-Progress = Callable[[dict[str, Any]], None]
 
 
 class DataError(LdmError):
@@ -284,7 +284,7 @@ def prepare_imagenet(split: str, data_root: str | os.PathLike | None = None,
             shutil.rmtree(partial)
         partial.mkdir(parents=True)
         if callback:
-            callback({"event": "extract", "path": str(tar_path)})
+            callback(TrainEvent("extract", path=str(tar_path)))
         _extract(tar_path, partial)
         if split == "train":
             for sub in sorted(partial.glob("*.tar")):
@@ -395,6 +395,56 @@ def build_dataset(target: str, params: Mapping[str, Any], callback: Progress | N
     if len(ds) == 0:
         raise DataError(f"dataset {target} is empty")
     return ds
+
+
+# --- held-out validation examples ---------------------------------------------------------------------------------
+
+class Subset(Dataset):
+    """Some examples of a dataset (``indices``), with its labels, captions and scan report narrowed to them."""
+
+    def __init__(self, base: Any, indices: Sequence[int]) -> None:
+        self.base = base
+        self.indices = list(indices)
+        self.report = getattr(base, "report", None)
+        for name in ("labels", "human_labels", "captions", "paths"):
+            values = getattr(base, name, None)
+            setattr(self, name, [values[i] for i in self.indices] if values is not None else None)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        i, item_seed = _split_key(key)
+        return self.base[(self.indices[i], item_seed) if item_seed is not None else self.indices[i]]
+
+
+def hold_out(dataset: Any, fraction: float) -> tuple[Subset, Subset]:
+    """Split ``dataset`` into (training, validation) with ``round(fraction * n)`` (at least 1) validation examples.
+
+    The split depends only on the files: examples are ordered by a hash of their path relative to the data folder
+    (their index where the dataset has no paths), so the same folder gives the same split on every run, on resume,
+    and wherever the folder is moved; adding images moves few of the old ones across."""
+    import hashlib
+
+    n = len(dataset)
+    k = max(1, round(fraction * n))
+    if k >= n:
+        raise DataError(f"cannot hold out {fraction:g} of {n} example(s) for validation and still train on some")
+    paths = getattr(dataset, "paths", None)
+    root = getattr(dataset, "root", None)
+
+    def key(i: int) -> bytes:
+        if paths is None:
+            name = str(i)
+        else:
+            p = Path(paths[i])
+            name = p.relative_to(root).as_posix() if root is not None and p.is_relative_to(root) else p.name
+        return hashlib.sha256(name.encode("utf-8")).digest()
+
+    order = sorted(range(n), key=key)
+    val = sorted(order[:k])
+    held = set(val)
+    return Subset(dataset, [i for i in range(n) if i not in held]), Subset(dataset, val)
 
 
 # --- sampling order -----------------------------------------------------------------------------------------------
