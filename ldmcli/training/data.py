@@ -19,9 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset, Sampler
 
 from ldmcli.errors import LdmError, UsageError
 from ldmcli.fileio import atomic_write_text
@@ -84,7 +82,7 @@ def _split_key(key: int | tuple[int, int]) -> tuple[int, int | None]:
     return int(key), None
 
 
-class ImagePathsDataset(Dataset):
+class ImagePathsDataset:
     """Images from a list of paths with optional per-example labels and captions."""
 
     def __init__(self, paths: Sequence[str], *, size: int | None, labels: Sequence[int] | None = None,
@@ -327,9 +325,9 @@ def imagenet(split: str, *, size: int = 256, data_root: str | None = None, inter
 
 # --- upstream config targets --------------------------------------------------------------------------------------
 
-def _imagenet_cfg(split: str) -> Callable[..., Dataset]:
+def _imagenet_cfg(split: str) -> Callable[..., Any]:
     def make(*, config: Mapping[str, Any] | None = None, data_root: str | None = None, size: int | None = None,
-             **kw: Any) -> Dataset:
+             **kw: Any) -> Any:
         config = dict(config or {})
         sz = size or config.get("size", 256)
         return imagenet(split, size=sz, data_root=data_root, **kw)
@@ -337,31 +335,31 @@ def _imagenet_cfg(split: str) -> Callable[..., Dataset]:
     return make
 
 
-def _imagenet_sr_cfg(split: str) -> Callable[..., Dataset]:
+def _imagenet_sr_cfg(split: str) -> Callable[..., Any]:
     # The autoencoder configs train on ImageNetSR; an autoencoder reads only its ``image`` (the HR crop).
     def make(*, size: int, degradation: str | None = None, downscale_f: int = 4, min_crop_f: float = 0.5,
-             max_crop_f: float = 1.0, random_crop: bool = True, data_root: str | None = None, **kw: Any) -> Dataset:
+             max_crop_f: float = 1.0, random_crop: bool = True, data_root: str | None = None, **kw: Any) -> Any:
         return imagenet(split, size=size, data_root=data_root, **kw)
 
     return make
 
 
-def _lsun_cfg(subset: str, split: str) -> Callable[..., Dataset]:
+def _lsun_cfg(subset: str, split: str) -> Callable[..., Any]:
     return lambda **kw: lsun(subset, split, **kw)
 
 
-def _faces_cfg(name: str, split: str) -> Callable[..., Dataset]:
-    def make(*, size: int, keys: Any = None, **kw: Any) -> Dataset:
+def _faces_cfg(name: str, split: str) -> Callable[..., Any]:
+    def make(*, size: int, keys: Any = None, **kw: Any) -> Any:
         return faces(name, split, size=size, **kw)
 
     return make
 
 
-def _folder_cfg(*, root: str, size: int, **kw: Any) -> Dataset:
+def _folder_cfg(*, root: str, size: int, **kw: Any) -> Any:
     return ImageFolder(root, size, **kw)
 
 
-DATASETS: dict[str, Callable[..., Dataset]] = {
+DATASETS: dict[str, Callable[..., Any]] = {
     "folder": _folder_cfg,
     "ldmcli.training.data.ImageFolder": _folder_cfg,
     "ldm.data.imagenet.ImageNetTrain": _imagenet_cfg("train"),
@@ -378,7 +376,7 @@ for _subset, _cls in (("churches", "Churches"), ("bedrooms", "Bedrooms"), ("cats
     DATASETS[f"ldm.data.lsun.LSUN{_cls}Validation"] = _lsun_cfg(_subset, "validation")
 
 
-def build_dataset(target: str, params: Mapping[str, Any], callback: Progress | None = None) -> Dataset:
+def build_dataset(target: str, params: Mapping[str, Any], callback: Progress | None = None) -> Any:
     """Instantiate a dataset named by an upstream config ``target`` (or ``folder``) with its ``params``."""
     if target not in DATASETS:
         raise UsageError(f"unknown dataset target {target!r}; known: {', '.join(sorted(DATASETS))}")
@@ -399,7 +397,7 @@ def build_dataset(target: str, params: Mapping[str, Any], callback: Progress | N
 
 # --- held-out validation examples ---------------------------------------------------------------------------------
 
-class Subset(Dataset):
+class Subset:
     """Some examples of a dataset (``indices``), with its labels, captions and scan report narrowed to them."""
 
     def __init__(self, base: Any, indices: Sequence[int]) -> None:
@@ -449,7 +447,7 @@ def hold_out(dataset: Any, fraction: float) -> tuple[Subset, Subset]:
 
 # --- sampling order -----------------------------------------------------------------------------------------------
 
-class ResumableSampler(Sampler):
+class ResumableSampler:
     """Seeded shuffling, sharded over ranks like ``DistributedSampler``, that can start mid-epoch.
 
     Yields ``(index, item_seed)``: the dataset draws its random flip from ``item_seed``, so examples and their
@@ -480,6 +478,8 @@ class ResumableSampler(Sampler):
     def order(self, epoch: int) -> list[int]:
         """This rank's example indices for ``epoch``."""
         if self.shuffle:
+            import torch
+
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             idx = torch.randperm(self.n, generator=g).tolist()
         else:
@@ -502,6 +502,8 @@ class ResumableSampler(Sampler):
 
 def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack arrays and numbers into tensors; keep strings as lists (captions, paths, human labels)."""
+    import torch
+
     out: dict[str, Any] = {}
     for key in examples[0]:
         values = [e[key] for e in examples]

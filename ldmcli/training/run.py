@@ -27,9 +27,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ldmcli import config as model_config
 from ldmcli.errors import CheckpointError, UsageError
@@ -43,6 +41,9 @@ from ldmcli.training.config import (
     parse_train_config,
     train_config_to_dict,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 RUN_DIR_ENV = "LDMCLI_RUN_DIR"
 KINDS = ("autoencoder", "ldm")
@@ -110,6 +111,8 @@ def claim_run_dir(logdir: str | os.PathLike, name: str, now: _dt.datetime | None
 
 def checkpoint_step(ckpt: Path) -> int:
     """The optimizer step a checkpoint was saved at (read without loading its tensors)."""
+    import torch
+
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many types for broken files
@@ -129,6 +132,8 @@ def _write_yaml(path: Path, doc: Any) -> None:
 # ------------------------------------------------------------------------------------------- first stage weights
 
 def _read_own_checkpoint(path: Path) -> dict[str, Any]:
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
@@ -485,6 +490,8 @@ def _cpu_precision_warning(accelerator: str, precision: str) -> str | None:
     """float16 has no fast CPU kernels: Lightning's 16-mixed runs on a CPU, about 13x slower than float32."""
     if not precision.startswith("16"):
         return None
+    import torch
+
     mps = getattr(torch.backends, "mps", None)
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()
                                       and not (mps is not None and mps.is_available()))
@@ -588,6 +595,7 @@ def _fit(req: TrainRequest, plan: _Plan, run_dir: Path, is_child: bool, dataset:
          warning: str | None, lr_base: float, callback: Progress | None) -> RunResult:
     """Build the Trainer, the loaders, the callbacks and the module in ``run_dir``, then train."""
     import lightning as L
+    import torch
 
     from ldmcli.training import callbacks as cb
     from ldmcli.training.modules import AutoencoderModule, LatentDiffusionModule
