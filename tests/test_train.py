@@ -116,6 +116,12 @@ def test_bad_inputs_are_one_line_errors(cli, images, tmp_path):
     _one_line_error(cli("train-ae", "--config", TINY_KL, "--data", images, "--gpus", "0", "--devices", "1",
                         "--logdir", logs), 2, "--gpus")
     _one_line_error(cli("train-ae", "--resume", tmp_path / "nope", "--logdir", logs), 2, "cannot resume")
+    _one_line_error(cli("train-ae", "--config", TINY_KL, "--data", images, "--val-every", "0", "--logdir", logs), 2,
+                    "val_every")
+    _one_line_error(cli("train-ae", "--config", TINY_KL, "--data", images, "--val-fraction", "1", "--logdir", logs),
+                    2, "val_fraction")
+    _one_line_error(cli("train-ae", "--config", TINY_KL, "--data", images, "--val-data", images, "--val-fraction",
+                        "0.1", "--logdir", logs), 2, "validation data is given twice")
     assert not logs.exists()  # nothing was written for any of these
 
 
