@@ -138,3 +138,39 @@ def test_imagenet_validation_sorted_by_synset(tmp_path):
     (root / "validation_synset.txt").write_text("v1.JPEG n05\nv2.JPEG n03\n")
     ds = D.build_dataset("ldm.data.imagenet.ImageNetValidation", {"data_root": str(tmp_path), "config": {"size": 8}})
     assert sorted(Path(p).parent.name for p in ds.paths) == ["n03", "n05"] and sorted(ds.labels) == [0, 1]
+
+
+def test_folder_reads_16_bit_and_alpha_correctly_and_skips_unconvertible_modes(tmp_path):
+    Image.fromarray(np.full((8, 8), 200, np.uint16)).save(tmp_path / "dark16.png")  # 16-bit near-black
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "clear.png")  # fully transparent: white
+    Image.new("LAB", (8, 8)).save(tmp_path / "lab.tif")
+    ds = D.ImageFolder(tmp_path, 8)
+    assert [Path(p).name for p in ds.paths] == ["clear.png", "dark16.png"]
+    assert len(ds.report.skipped) == 1 and "lab.tif" in ds.report.skipped[0][0]
+    assert "mode LAB" in ds.report.skipped[0][1]
+    assert (ds[0]["image"] == 1.0).all()  # white, not black
+    assert (ds[1]["image"] < -0.99).all()  # black, not white (PIL's convert clips 200 to 200/255)
+
+
+def test_an_image_that_fails_to_convert_names_the_file(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    Image.fromarray(np.full((8, 8), 5.0, np.float32), mode="F").save(tmp_path / "hot.tif")
+    ds = D.ImageFolder(tmp_path, 8)
+    with pytest.raises(D.DataError, match=r"hot\.tif.*outside \[0, 1\]"):
+        ds[1]
+
+
+def test_hold_out_is_a_fixed_split_by_file_name(tmp_path):
+    for i in range(20):
+        _img(tmp_path / "a" / f"{i}.png", value=i)
+    train, val = D.hold_out(D.ImageFolder(tmp_path / "a", 8), 0.2)
+    assert len(train) == 16 and len(val) == 4 and set(train.paths).isdisjoint(val.paths)
+    again_train, again_val = D.hold_out(D.ImageFolder(tmp_path / "a", 8), 0.2)
+    assert again_val.paths == val.paths and val[1]["file_path_"] == val.paths[1]
+    (tmp_path / "a").rename(tmp_path / "moved")  # the same files elsewhere: the same split
+    _, moved = D.hold_out(D.ImageFolder(tmp_path / "moved", 8), 0.2)
+    assert [Path(p).name for p in moved.paths] == [Path(p).name for p in val.paths]
+    assert len(D.hold_out(D.ImageFolder(tmp_path / "moved", 8), 0.001)[1]) == 1  # at least one
+    with pytest.raises(D.DataError, match="cannot hold out"):
+        D.hold_out(D.ImageFolder(tmp_path / "moved", 8), 0.99)

@@ -116,6 +116,12 @@ def test_bad_inputs_are_one_line_errors(cli, images, tmp_path):
     _one_line_error(cli("train-ae", "--config", TINY_KL, "--data", images, "--gpus", "0", "--devices", "1",
                         "--logdir", logs), 2, "--gpus")
     _one_line_error(cli("train-ae", "--resume", tmp_path / "nope", "--logdir", logs), 2, "cannot resume")
+    _one_line_error(cli("train-ae", "--config", TINY_KL, "--data", images, "--val-every", "0", "--logdir", logs), 2,
+                    "val_every")
+    _one_line_error(cli("train-ae", "--config", TINY_KL, "--data", images, "--val-fraction", "1", "--logdir", logs),
+                    2, "val_fraction")
+    _one_line_error(cli("train-ae", "--config", TINY_KL, "--data", images, "--val-data", images, "--val-fraction",
+                        "0.1", "--logdir", logs), 2, "validation data is given twice")
     assert not logs.exists()  # nothing was written for any of these
 
 
@@ -289,7 +295,7 @@ def test_vq_first_stage_then_text_ldm_with_caption_drop_resumes_exactly(images, 
     events: list[dict] = []
     vq = train("autoencoder", TINY_VQ, data_root=images, logdir=tmp_path / "logs", callback=events.append)
     assert vq.global_step == 2 and "quantize.embedding.weight" in _state(vq.checkpoint)
-    assert any(e["event"] == "warning" and "unreadable" in e["text"] for e in events)
+    assert any(e.kind == "warning" and "unreadable" in e.text for e in events)
 
     def run_txt(**kw):
         return train("ldm", TINY_TXT, data_root=images, first_stage=str(vq.checkpoint), logdir=tmp_path / "logs",
@@ -357,3 +363,166 @@ def test_first_stage_by_zoo_name_uses_the_store_checkpoint(images, tmp_path, mon
     assert asked == ["tiny-fs"]
     assert torch.equal(_state(run.checkpoint)["first_stage_model.encoder.conv_in.weight"],
                        _state(ae.model_checkpoint)["encoder.conv_in.weight"])
+
+
+# ------------------------------------------------------------------ issue 14: nothing lost, nothing silently wrong
+
+def test_run_folders_are_claimed_atomically(tmp_path):
+    import datetime as dt
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ldmcli.training.run import claim_run_dir
+
+    now = dt.datetime(2026, 12, 1, 12, 0, 0)
+    with ThreadPoolExecutor(8) as pool:
+        dirs = list(pool.map(lambda _: claim_run_dir(tmp_path / "logs", "tiny kl", now=now), range(16)))
+    assert len(set(dirs)) == 16 and all(d.is_dir() for d in dirs)  # every run its own folder
+    assert sorted(d.name for d in dirs)[:2] == ["2026-12-01T12-00-00_tiny-kl", "2026-12-01T12-00-00_tiny-kl-10"]
+    (tmp_path / "file").write_text("x")
+    from ldmcli.errors import UsageError
+
+    with pytest.raises(UsageError, match="cannot create the log folder"):
+        claim_run_dir(tmp_path / "file" / "logs", "x")
+
+
+def _metrics(run_dir: Path) -> tuple[list[str], list[dict[str, str]]]:
+    import csv
+
+    text = (run_dir / "metrics.csv").read_text()
+    rows = list(csv.DictReader(text.splitlines()))
+    return text.splitlines()[0].split(","), rows
+
+
+def test_short_run_writes_metrics_and_resumes_append_to_them_exactly(images, tmp_path):
+    from ldmcli.training.run import train
+
+    logs = tmp_path / "logs"
+    first = train("autoencoder", TINY_KL, data_root=images, logdir=logs,
+                  overrides={"max_steps": 2, "log_every": 50, "log_images_every": 0})
+    header, rows = _metrics(first.run_dir)
+    assert "aeloss" in header and len(rows) == 1 and rows[0]["aeloss"]  # 2 steps < log_every: still written
+    last = torch.load(first.checkpoint, weights_only=True)
+    assert not any(k.startswith("loss.perceptual_loss.") for k in last["state_dict"])  # frozen VGG16 left out
+    assert any(k.startswith("loss.discriminator.") for k in last["state_dict"])  # trained: kept for --resume
+    assert first.checkpoint.stat().st_size < 10e6  # was 79 MB
+    model = torch.load(first.model_checkpoint, weights_only=True)["state_dict"]
+    assert not any(k.startswith("loss.") for k in model) and first.model_checkpoint.stat().st_size < 5e6
+
+    from ldmcli.loading import load_model
+
+    assert load_model(first.run_dir / "config.yaml", ckpt=first.model_checkpoint).global_step == 2
+
+    train("autoencoder", resume=first.run_dir, overrides={"max_steps": 3, "log_every": 1})
+    resumed = train("autoencoder", resume=first.run_dir, overrides={"max_steps": 5, "log_every": 1})
+    header2, rows2 = _metrics(first.run_dir)
+    text = (first.run_dir / "metrics.csv").read_text()
+    assert text.count("aeloss") == 1 and header2[:len(header)] == header  # one header; the old columns first
+    assert rows2[0] == {**{k: "" for k in header2}, **rows[0]}  # the first segment's row is still there
+    assert len(rows2) == 1 + 1 + 2  # 2 steps (1 logged), then 1, then 2
+    assert any(r.get("train/disc_loss") for r in rows2)  # a column that appeared later (disc_start 2)
+
+    straight = train("autoencoder", TINY_KL, data_root=images, logdir=tmp_path / "straight",
+                     overrides={"max_steps": 5, "log_images_every": 0})
+    a, b = _state(resumed.checkpoint), _state(straight.checkpoint)
+    assert a.keys() == b.keys()
+    for k in b:  # two resumes without the LPIPS weights in the files: still the uninterrupted run's weights
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_with_nothing_left_to_train_says_so(cli, images, tmp_path):
+    from ldmcli.training.run import train
+
+    run = train("autoencoder", TINY_KL, data_root=images, logdir=tmp_path / "logs",
+                overrides={"max_steps": 2, "log_images_every": 0})
+    before = (run.checkpoint.stat().st_mtime_ns, (run.run_dir / "metrics.csv").read_text())
+    for extra in ((), ("--max-steps", "1"), ("--max-steps", "2")):
+        _one_line_error(cli("train-ae", "--resume", run.run_dir, *extra), 2, "nothing to train", "at step 2",
+                        "above 2")
+    assert before == (run.checkpoint.stat().st_mtime_ns, (run.run_dir / "metrics.csv").read_text())
+
+
+def test_config_errors_come_before_lightning_or_torch_is_imported(images, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY_KL.read_text().replace("max_steps: 4", "max_stepz: 4"))
+    probe = ("import sys, runpy\n"
+             "sys.argv = ['ldm'] + sys.argv[1:]\n"
+             "try:\n    runpy.run_module('ldmcli', run_name='__main__')\n"
+             "except SystemExit as e:\n    code = e.code\n"
+             "print('EXIT', code, 'lightning' in sys.modules, 'torch' in sys.modules)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for args in (["--config", str(bad), "--data", str(images)],
+                 ["--config", str(TINY_KL), "--data", str(tmp_path / "missing")],
+                 ["--config", str(TINY_KL), "--data", str(images), "--val-data", str(tmp_path / "missing")]):
+        r = subprocess.run([sys.executable, "-c", probe, "train-ae", *args, "--logdir", str(tmp_path / "logs")],
+                           env=env, capture_output=True, text=True, timeout=120)
+        # neither Lightning nor torch was imported: the error comes in about a second, not 7-10
+        assert r.stdout.strip().splitlines()[-1] in ("EXIT 2 False False", "EXIT 1 False False"), (r.stdout, r.stderr)
+        assert r.stderr.strip().startswith("ldm: error:") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "logs").exists()
+
+
+def test_16_bit_precision_on_cpu_warns(monkeypatch):
+    from ldmcli.training.run import _cpu_precision_warning
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if getattr(torch.backends, "mps", None) is not None:
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for accelerator in ("cpu", "auto"):
+        text = _cpu_precision_warning(accelerator, "16-mixed")
+        assert text and "slower" in text and "--precision 32" in text and "\n" not in text
+    assert _cpu_precision_warning("cpu", "32") is None and _cpu_precision_warning("gpu", "16-mixed") is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _cpu_precision_warning("auto", "16-mixed") is None
+
+
+# --------------------------------------------------------------------------- issue 15 item 4: validation
+
+def test_autoencoder_validation_on_a_held_out_fraction_keeps_the_best_checkpoint(cli, images, tmp_path):
+    logs = tmp_path / "logs"
+    r = cli("train-ae", "--config", TINY_KL, "--data", images, "--val-fraction", "0.25", "--val-every", "2",
+            "--max-steps", "3", "--log-images-every", "0", "--logdir", logs)
+    assert r.exit_code == 0, r
+    assert "(18 examples, 6 for validation" in r.stderr  # 24 readable images, 0.25 of them held out
+    assert "validation at step 2: val/rec_loss" in r.stderr and "validation at step 3" in r.stderr
+    run_dir = Path(r.stdout.strip().splitlines()[-1])
+    header, rows = _metrics(run_dir)
+    val_rows = [row for row in rows if row.get("val/rec_loss")]
+    assert len(val_rows) == 2 and {"val/total_loss", "val/disc_loss", "val/kl_loss"} <= set(header)
+    best = run_dir / "checkpoints" / "best.ckpt"
+    assert best.is_file()
+    values = [float(row["val/rec_loss"]) for row in val_rows]
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    (val_state,) = [v for k, v in state["callbacks"].items() if "Validation" in k]
+    assert val_state["best"] == pytest.approx(min(values)) and val_state["best_step"] == 2 + values.index(min(values))
+    assert torch.load(best, weights_only=True)["global_step"] == val_state["best_step"]
+    assert yaml_load(run_dir / "train.yaml")["training"]["val_fraction"] == 0.25  # --resume holds out the same
+
+
+def yaml_load(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def test_ldm_validation_logs_loss_simple_and_its_ema_twin(images, tmp_path):
+    from ldmcli.training.run import train
+
+    ae = train("autoencoder", TINY_KL, data_root=images, logdir=tmp_path / "logs", overrides={"max_steps": 1})
+    val = tmp_path / "val"
+    for c in range(3):
+        (val / str(c)).mkdir(parents=True)
+        for p in sorted((images / str(c)).glob("*.png"))[:2]:
+            (val / str(c) / p.name).write_bytes(p.read_bytes())
+    events: list = []
+    run = train("ldm", TINY_LDM, data_root=images, val_data=val, first_stage=str(ae.run_dir),
+                logdir=tmp_path / "logs", callback=events.append,
+                overrides={"max_steps": 2, "val_every": 1, "log_images_every": 0})
+    checks = [e for e in events if e.kind == "validation"]
+    assert [e.step for e in checks] == [1, 2] and checks[0].monitor == "val/loss_simple_ema"
+    assert {"val/loss_simple", "val/loss_simple_ema", "val/loss_vlb", "val/loss"} <= set(checks[0].metrics)
+    # the first step's warm-up LR is 1e-6 x lr: only after the second do the EMA weights differ measurably
+    assert checks[1].metrics["val/loss_simple"] != checks[1].metrics["val/loss_simple_ema"]
+    assert run.best_checkpoint is not None and run.best_checkpoint.name == "best.ckpt"
+    header, _ = _metrics(run.run_dir)
+    assert "val/loss_simple_ema" in header
+    assert yaml_load(run.run_dir / "train.yaml")["data"]["validation"]["params"]["root"] == str(val.resolve())

@@ -1,4 +1,5 @@
-"""``ldm train-ldm``: train a latent diffusion model (any conditioning, EMA, warm-up schedule) with Lightning."""
+"""``ldm train-ldm``: train a latent diffusion model (any conditioning, EMA, warm-up schedule) with Lightning;
+the run is :func:`ldmcli.training.run.run_training`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Optional
 import typer
 
 from ldmcli.commands import _common as opts
-from ldmcli.commands.train_ae import HELP_EPILOG, run_training_command
+from ldmcli.commands import _train
+from ldmcli.commands._train import HELP_EPILOG
 
 
 def register(app: typer.Typer) -> None:
@@ -17,6 +19,9 @@ def register(app: typer.Typer) -> None:
         config: opts.TrainConfigOption = None,
         resume: opts.ResumeOption = None,
         data: opts.DataOption = None,
+        val_data: _train.ValDataOption = None,
+        val_fraction: _train.ValFractionOption = None,
+        val_every: _train.ValEveryOption = None,
         first_stage: Optional[str] = typer.Option(None, "--first-stage",
                                                   help="Frozen autoencoder: a zoo name (kl-f8) or a train-ae run/checkpoint."),
         cond_drop: Optional[float] = typer.Option(None, "--cond-drop",
@@ -42,4 +47,4 @@ def register(app: typer.Typer) -> None:
         name: opts.RunNameOption = None,
     ) -> None:
         """Train a latent diffusion model on the latents of a frozen first stage."""
-        run_training_command("ldm", **locals())
+        _train.run_command("ldm", **locals())

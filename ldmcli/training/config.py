@@ -43,13 +43,14 @@ class DatasetConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Upstream's ``DataModuleFromConfig`` parameters (validation/test sets are accepted and not used)."""
+    """Upstream's ``DataModuleFromConfig`` parameters (the validation set is evaluated every ``val_every`` steps;
+    a test set is accepted and not used)."""
 
     batch_size: int
     train: DatasetConfig
     num_workers: int | None = None
     wrap: bool = False
-    validation: Mapping[str, Any] | None = None
+    validation: DatasetConfig | None = None
     test: Mapping[str, Any] | None = None
     use_worker_init_fn: bool = False
     shuffle_val_dataloader: bool = False
@@ -79,6 +80,8 @@ class TrainSettings:
     log_every: int = 50
     sample_steps: int = 50
     record_examples: bool = False
+    val_every: int = 500
+    val_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,7 @@ def _check_settings(r: Any, s: TrainSettings, where: str) -> TrainSettings:
         v = getattr(s, name)
         if v is not None and v <= 0:
             raise bad(name, "must be a positive integer")
-    for name in ("accumulate", "num_nodes", "max_images", "log_every", "sample_steps"):
+    for name in ("accumulate", "num_nodes", "max_images", "log_every", "sample_steps", "val_every"):
         if getattr(s, name) < 1:
             raise bad(name, "must be at least 1")
     for name in ("checkpoint_every", "keep_every", "log_images_every"):
@@ -121,6 +124,8 @@ def _check_settings(r: Any, s: TrainSettings, where: str) -> TrainSettings:
         raise bad("strategy", f"must be one of {', '.join(STRATEGIES)}, not {s.strategy!r}")
     if s.accelerator not in ACCELERATORS:
         raise bad("accelerator", f"must be one of {', '.join(ACCELERATORS)}, not {s.accelerator!r}")
+    if not 0.0 <= s.val_fraction < 1.0:
+        raise bad("val_fraction", f"must be in [0, 1), not {s.val_fraction}")
     if not 0.0 <= s.cond_drop < 1.0:
         raise bad("cond_drop", f"must be in [0, 1), not {s.cond_drop}")
     devices = s.devices
@@ -171,7 +176,7 @@ def parse_data(value: Any, source: str, where: str = "data") -> DataConfig:
 
     if "train" not in data:
         raise r.fail(f"{where}.train", "missing required key (the training dataset)")
-    passthrough = {"validation": lambda v, w: r.mapping(v, w), "test": lambda v, w: r.mapping(v, w)}
+    passthrough = {"validation": dataset, "test": lambda v, w: r.mapping(v, w)}
     cfg = r.dataclass(DataConfig, data, where, nested={"train": dataset, **passthrough}, ignored={"predict"})
     if cfg.batch_size < 1:
         raise r.fail(f"{where}.batch_size", "must be at least 1")
@@ -256,6 +261,8 @@ def data_to_dict(d: DataConfig) -> dict[str, Any]:
     out = {"batch_size": d.batch_size, "train": {"target": d.train.target, "params": dict(d.train.params)}}
     if d.num_workers is not None:
         out["num_workers"] = d.num_workers
+    if d.validation is not None:
+        out["validation"] = {"target": d.validation.target, "params": dict(d.validation.params)}
     return out
 
 

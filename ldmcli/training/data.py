@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset, Sampler
 
 from ldmcli.errors import LdmError, UsageError
 from ldmcli.fileio import atomic_write_text
+from ldmcli.images import ImageReadError, read_rgb, supported_mode
+from ldmcli.training.events import Progress, TrainEvent
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 INTERPOLATIONS = {
@@ -36,7 +36,6 @@ INTERPOLATIONS = {
     "area": Image.Resampling.BOX,
     "box": Image.Resampling.BOX,
 }
-Progress = Callable[[dict[str, Any]], None]
 
 
 class DataError(LdmError):
@@ -58,9 +57,9 @@ def _natural_key(name: str) -> tuple:
 
 def load_square_image(path: str | os.PathLike, size: int | None, interpolation: str = "bicubic",
                       flip: bool = False) -> np.ndarray:
-    """Read an image as RGB, centre-crop the largest square, resize to ``size`` and scale to [-1, 1] (``h w c``)."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
+    """Read an image as RGB (:func:`ldmcli.images.read_rgb`: 16-bit scaled, transparency over white), centre-crop
+    the largest square, resize to ``size`` and scale to [-1, 1] (``h w c``)."""
+    with Image.fromarray(read_rgb(path)) as im:
         w, h = im.size
         crop = min(w, h)
         left, top = (w - crop) // 2, (h - crop) // 2
@@ -83,7 +82,7 @@ def _split_key(key: int | tuple[int, int]) -> tuple[int, int | None]:
     return int(key), None
 
 
-class ImagePathsDataset(Dataset):
+class ImagePathsDataset:
     """Images from a list of paths with optional per-example labels and captions."""
 
     def __init__(self, paths: Sequence[str], *, size: int | None, labels: Sequence[int] | None = None,
@@ -107,8 +106,10 @@ class ImagePathsDataset(Dataset):
         path = self.paths[i]
         try:
             image = self.loader(path, self.size, self.interpolation, _flip_for(item_seed, self.flip_p))
+        except ImageReadError as e:
+            raise DataError(f"training data: {e}") from None
         except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise DataError(f"cannot read training image {path}: {e}") from e
+            raise DataError(f"cannot read training image {path}: {e}") from None
         example: dict[str, Any] = {"image": image, "index": i, "file_path_": str(path)}
         if self.labels is not None:
             example["class_label"] = self.labels[i]
@@ -139,9 +140,13 @@ class ImageFolder(ImagePathsDataset):
             if verify:
                 try:
                     with Image.open(p) as im:
+                        mode = im.mode
                         im.verify()
                 except Exception as e:  # PIL raises many types for broken files
                     report.skipped.append((str(p), f"{type(e).__name__}: {e}".strip()))
+                    continue
+                if not supported_mode(mode):
+                    report.skipped.append((str(p), f"unsupported pixel format (PIL mode {mode})"))
                     continue
             good.append(p)
         if not good:
@@ -277,7 +282,7 @@ def prepare_imagenet(split: str, data_root: str | os.PathLike | None = None,
             shutil.rmtree(partial)
         partial.mkdir(parents=True)
         if callback:
-            callback({"event": "extract", "path": str(tar_path)})
+            callback(TrainEvent("extract", path=str(tar_path)))
         _extract(tar_path, partial)
         if split == "train":
             for sub in sorted(partial.glob("*.tar")):
@@ -320,9 +325,9 @@ def imagenet(split: str, *, size: int = 256, data_root: str | None = None, inter
 
 # --- upstream config targets --------------------------------------------------------------------------------------
 
-def _imagenet_cfg(split: str) -> Callable[..., Dataset]:
+def _imagenet_cfg(split: str) -> Callable[..., Any]:
     def make(*, config: Mapping[str, Any] | None = None, data_root: str | None = None, size: int | None = None,
-             **kw: Any) -> Dataset:
+             **kw: Any) -> Any:
         config = dict(config or {})
         sz = size or config.get("size", 256)
         return imagenet(split, size=sz, data_root=data_root, **kw)
@@ -330,31 +335,31 @@ def _imagenet_cfg(split: str) -> Callable[..., Dataset]:
     return make
 
 
-def _imagenet_sr_cfg(split: str) -> Callable[..., Dataset]:
+def _imagenet_sr_cfg(split: str) -> Callable[..., Any]:
     # The autoencoder configs train on ImageNetSR; an autoencoder reads only its ``image`` (the HR crop).
     def make(*, size: int, degradation: str | None = None, downscale_f: int = 4, min_crop_f: float = 0.5,
-             max_crop_f: float = 1.0, random_crop: bool = True, data_root: str | None = None, **kw: Any) -> Dataset:
+             max_crop_f: float = 1.0, random_crop: bool = True, data_root: str | None = None, **kw: Any) -> Any:
         return imagenet(split, size=size, data_root=data_root, **kw)
 
     return make
 
 
-def _lsun_cfg(subset: str, split: str) -> Callable[..., Dataset]:
+def _lsun_cfg(subset: str, split: str) -> Callable[..., Any]:
     return lambda **kw: lsun(subset, split, **kw)
 
 
-def _faces_cfg(name: str, split: str) -> Callable[..., Dataset]:
-    def make(*, size: int, keys: Any = None, **kw: Any) -> Dataset:
+def _faces_cfg(name: str, split: str) -> Callable[..., Any]:
+    def make(*, size: int, keys: Any = None, **kw: Any) -> Any:
         return faces(name, split, size=size, **kw)
 
     return make
 
 
-def _folder_cfg(*, root: str, size: int, **kw: Any) -> Dataset:
+def _folder_cfg(*, root: str, size: int, **kw: Any) -> Any:
     return ImageFolder(root, size, **kw)
 
 
-DATASETS: dict[str, Callable[..., Dataset]] = {
+DATASETS: dict[str, Callable[..., Any]] = {
     "folder": _folder_cfg,
     "ldmcli.training.data.ImageFolder": _folder_cfg,
     "ldm.data.imagenet.ImageNetTrain": _imagenet_cfg("train"),
@@ -371,7 +376,7 @@ for _subset, _cls in (("churches", "Churches"), ("bedrooms", "Bedrooms"), ("cats
     DATASETS[f"ldm.data.lsun.LSUN{_cls}Validation"] = _lsun_cfg(_subset, "validation")
 
 
-def build_dataset(target: str, params: Mapping[str, Any], callback: Progress | None = None) -> Dataset:
+def build_dataset(target: str, params: Mapping[str, Any], callback: Progress | None = None) -> Any:
     """Instantiate a dataset named by an upstream config ``target`` (or ``folder``) with its ``params``."""
     if target not in DATASETS:
         raise UsageError(f"unknown dataset target {target!r}; known: {', '.join(sorted(DATASETS))}")
@@ -390,9 +395,59 @@ def build_dataset(target: str, params: Mapping[str, Any], callback: Progress | N
     return ds
 
 
+# --- held-out validation examples ---------------------------------------------------------------------------------
+
+class Subset:
+    """Some examples of a dataset (``indices``), with its labels, captions and scan report narrowed to them."""
+
+    def __init__(self, base: Any, indices: Sequence[int]) -> None:
+        self.base = base
+        self.indices = list(indices)
+        self.report = getattr(base, "report", None)
+        for name in ("labels", "human_labels", "captions", "paths"):
+            values = getattr(base, name, None)
+            setattr(self, name, [values[i] for i in self.indices] if values is not None else None)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        i, item_seed = _split_key(key)
+        return self.base[(self.indices[i], item_seed) if item_seed is not None else self.indices[i]]
+
+
+def hold_out(dataset: Any, fraction: float) -> tuple[Subset, Subset]:
+    """Split ``dataset`` into (training, validation) with ``round(fraction * n)`` (at least 1) validation examples.
+
+    The split depends only on the files: examples are ordered by a hash of their path relative to the data folder
+    (their index where the dataset has no paths), so the same folder gives the same split on every run, on resume,
+    and wherever the folder is moved; adding images moves few of the old ones across."""
+    import hashlib
+
+    n = len(dataset)
+    k = max(1, round(fraction * n))
+    if k >= n:
+        raise DataError(f"cannot hold out {fraction:g} of {n} example(s) for validation and still train on some")
+    paths = getattr(dataset, "paths", None)
+    root = getattr(dataset, "root", None)
+
+    def key(i: int) -> bytes:
+        if paths is None:
+            name = str(i)
+        else:
+            p = Path(paths[i])
+            name = p.relative_to(root).as_posix() if root is not None and p.is_relative_to(root) else p.name
+        return hashlib.sha256(name.encode("utf-8")).digest()
+
+    order = sorted(range(n), key=key)
+    val = sorted(order[:k])
+    held = set(val)
+    return Subset(dataset, [i for i in range(n) if i not in held]), Subset(dataset, val)
+
+
 # --- sampling order -----------------------------------------------------------------------------------------------
 
-class ResumableSampler(Sampler):
+class ResumableSampler:
     """Seeded shuffling, sharded over ranks like ``DistributedSampler``, that can start mid-epoch.
 
     Yields ``(index, item_seed)``: the dataset draws its random flip from ``item_seed``, so examples and their
@@ -423,6 +478,8 @@ class ResumableSampler(Sampler):
     def order(self, epoch: int) -> list[int]:
         """This rank's example indices for ``epoch``."""
         if self.shuffle:
+            import torch
+
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             idx = torch.randperm(self.n, generator=g).tolist()
         else:
@@ -445,6 +502,8 @@ class ResumableSampler(Sampler):
 
 def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack arrays and numbers into tensors; keep strings as lists (captions, paths, human labels)."""
+    import torch
+
     out: dict[str, Any] = {}
     for key in examples[0]:
         values = [e[key] for e in examples]

@@ -72,17 +72,29 @@ class _Base(L.LightningModule):
         """Optimizer steps taken (batches that stepped, for the two-optimizer autoencoder)."""
         return self.trainer.global_step if self._trainer is not None else 0
 
+    # frozen pretrained weights the run rebuilds (from the store) each time: left out of checkpoints
+    REBUILT_PREFIXES: tuple[str, ...] = ()
+    # what sampling does not need: left out of the exported model.ckpt too
+    TRAINING_ONLY_PREFIXES: tuple[str, ...] = ()
+
     # checkpoints hold the wrapped model's keys, as upstream's do
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rebuilt = tuple(PREFIX + p for p in self.REBUILT_PREFIXES)
         checkpoint["state_dict"] = {k[len(PREFIX):]: v for k, v in checkpoint["state_dict"].items()
-                                    if k.startswith(PREFIX)}
+                                    if k.startswith(PREFIX) and not (rebuilt and k.startswith(rebuilt))}
         checkpoint["generator_state"] = self.generator.get_state()
         checkpoint["torch_rng_state"] = torch.get_rng_state()
         checkpoint["global_step"] = self.step
         checkpoint.update(self.extra_checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = {PREFIX + k: v for k, v in checkpoint["state_dict"].items()}
+        state = {PREFIX + k: v for k, v in checkpoint["state_dict"].items()}
+        if self.REBUILT_PREFIXES:  # the rebuilt weights as this run loaded them (older checkpoints carry them)
+            rebuilt = tuple(PREFIX + p for p in self.REBUILT_PREFIXES)
+            for k, v in self.state_dict().items():
+                if k.startswith(rebuilt) and k not in state:
+                    state[k] = v
+        checkpoint["state_dict"] = state
         if "generator_state" in checkpoint:
             self.generator.set_state(checkpoint["generator_state"])
         if "torch_rng_state" in checkpoint:
@@ -90,7 +102,13 @@ class _Base(L.LightningModule):
 
 
 class AutoencoderModule(_Base):
-    """Train AutoencoderKL or VQModel (with its ``loss`` module) on ``batch[image_key]``."""
+    """Train AutoencoderKL or VQModel (with its ``loss`` module) on ``batch[image_key]``.
+
+    Checkpoints leave out the frozen LPIPS network (``loss.perceptual_loss.*``, VGG16: ~58 MB): a run loads it from
+    the store (or needs none with ``perceptual_weight: 0``); the exported ``model.ckpt`` leaves out ``loss.*``."""
+
+    REBUILT_PREFIXES = ("loss.perceptual_loss.",)
+    TRAINING_ONLY_PREFIXES = ("loss.",)
 
     def __init__(self, net: torch.nn.Module, learning_rate: float, *, seed: int = 23, accumulate: int = 1,
                  image_logger_images: int = 8) -> None:
@@ -159,6 +177,22 @@ class AutoencoderModule(_Base):
         self.log_dict({k: v.detach().float() for k, v in {**log_ae, **log_disc}.items()}, on_step=True)
         return aeloss.detach()
 
+    @torch.no_grad()
+    def validation_metrics(self, batch: Mapping[str, Any], generator: torch.Generator) -> dict[str, float]:
+        """Upstream's ``validation_step``: both losses with ``split="val"`` (``val/rec_loss``, ``val/total_loss``,
+        ``val/disc_loss``, ...) on one batch, the posterior sampled from ``generator``. Call in eval mode."""
+        x = image_input(batch, self.net.image_key).to(self.device)
+        rec, aux = self.net(x) if self.is_vq else self.net(x, generator=generator)
+        last = self.net.get_last_layer()
+        logs: dict[str, Any] = {}
+        for idx in (0, 1):
+            if self.is_vq:
+                _, part = self.net.loss(aux, x, rec, idx, self.step, last_layer=last, split="val")
+            else:
+                _, part = self.net.loss(x, rec, aux, idx, self.step, last_layer=last, split="val")
+            logs.update(part)
+        return {k: float(v) for k, v in logs.items()}
+
     def _discriminator_active(self) -> bool:
         """Before ``disc_start`` (or with ``disc_factor: 0``) the discriminator loss is 0 times a number, its
         gradients are zero and Adam leaves the weights alone: the discriminator step is skipped then."""
@@ -213,12 +247,15 @@ class LatentDiffusionModule(_Base):
         self.max_images = image_logger_images
         self.sample_steps = sample_steps
 
-    def _latents(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, Any]:
-        """Upstream ``LatentDiffusion.get_input``: latents ``z`` and the conditioning (encoded unless trainable)."""
+    def _latents(self, batch: Mapping[str, Any], generator: torch.Generator | None = None,
+                 drop: bool = True) -> tuple[torch.Tensor, Any]:
+        """Upstream ``LatentDiffusion.get_input``: latents ``z`` and the conditioning (encoded unless trainable).
+        Random draws come from ``generator`` (default: the module's stream); ``drop=False``: no condition dropping."""
         net = self.net
+        generator = self.generator if generator is None else generator
         x = image_input(batch, net.first_stage_key).to(self.device)
         with torch.no_grad():
-            z = net.get_first_stage_encoding(net.encode_first_stage(x), generator=self.generator).detach()
+            z = net.get_first_stage_encoding(net.encode_first_stage(x), generator=generator).detach()
         if net.model.conditioning_key is None:
             return z, None
         key = net.cond_stage_key
@@ -230,10 +267,10 @@ class LatentDiffusionModule(_Base):
             xc = batch
         else:
             xc = image_input(batch, key).to(self.device)
-        if self.cond_drop > 0:
-            drop = torch.rand(z.shape[0], generator=self.generator) < self.cond_drop
-            if bool(drop.any()):
-                xc = self.null_condition(xc, drop)
+        if self.cond_drop > 0 and drop:
+            dropped = torch.rand(z.shape[0], generator=generator) < self.cond_drop
+            if bool(dropped.any()):
+                xc = self.null_condition(xc, dropped)
         if not net.cond_stage_trainable:
             with torch.no_grad():
                 c = net.get_learned_conditioning(xc)
@@ -266,6 +303,23 @@ class LatentDiffusionModule(_Base):
         if self.scheduler_config is not None and self._trainer is not None:
             self.log("lr_abs", self.optimizers().param_groups[0]["lr"], on_step=True)
         return loss
+
+    @torch.no_grad()
+    def validation_metrics(self, batch: Mapping[str, Any], generator: torch.Generator) -> dict[str, float]:
+        """Upstream's ``validation_step``: the loss parts (``val/loss_simple``, ``val/loss_vlb``, ``val/loss``) with
+        the training weights and again with the EMA weights (``..._ema``), on the same timesteps and noise (drawn
+        from ``generator``), with the true conditions. Call in eval mode."""
+        net = self.net
+        z, c = self._latents(batch, generator=generator, drop=False)
+        state = generator.get_state()
+        _, logs = net(z, c, generator=generator)
+        out = {k: float(v) for k, v in logs.items() if k.startswith("val/")}
+        if getattr(net, "use_ema", False):
+            generator.set_state(state)
+            with net.ema_scope():
+                _, logs = net(z, c, generator=generator)
+            out.update({f"{k}_ema": float(v) for k, v in logs.items() if k.startswith("val/")})
+        return out
 
     def configure_optimizers(self) -> Any:
         net = self.net

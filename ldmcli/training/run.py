@@ -24,17 +24,16 @@ import os
 import re
 import signal
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ldmcli import config as model_config
 from ldmcli.errors import CheckpointError, UsageError
 from ldmcli.fileio import atomic_write_text
 from ldmcli.training import data as data_mod
+from ldmcli.training.events import Progress, TrainEvent
 from ldmcli.training.config import (
     TrainConfig,
     TrainSettings,
@@ -43,7 +42,9 @@ from ldmcli.training.config import (
     train_config_to_dict,
 )
 
-Progress = Callable[[dict[str, Any]], None]
+if TYPE_CHECKING:
+    import torch
+
 RUN_DIR_ENV = "LDMCLI_RUN_DIR"
 KINDS = ("autoencoder", "ldm")
 
@@ -57,9 +58,10 @@ class RunResult:
     model_checkpoint: Path | None
     global_step: int
     skipped_images: int = 0
+    best_checkpoint: Path | None = None
 
 
-def _emit(callback: Progress | None, event: dict[str, Any]) -> None:
+def _emit(callback: Progress | None, event: TrainEvent) -> None:
     if callback is not None:
         callback(event)
 
@@ -84,16 +86,41 @@ def resolve_resume(resume: str | os.PathLike) -> tuple[Path, Path]:
     return run_dir, ckpt
 
 
-def new_run_dir(logdir: str | os.PathLike, name: str, now: _dt.datetime | None = None) -> Path:
-    """``<logdir>/<YYYY-MM-DDTHH-MM-SS>_<name>`` (a numeric suffix if two runs start in the same second)."""
+def claim_run_dir(logdir: str | os.PathLike, name: str, now: _dt.datetime | None = None) -> Path:
+    """Create and return ``<logdir>/<YYYY-MM-DDTHH-MM-SS>_<name>``, or ``..._<name>-2``, ``-3``, ... when that
+    folder exists. The folder is claimed by ``mkdir`` itself (which fails if it exists), so two runs started in the
+    same second, even in two processes, never share a folder."""
     stamp = (now or _dt.datetime.now()).strftime("%Y-%m-%dT%H-%M-%S")
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "run"
     base = Path(logdir).expanduser() / f"{stamp}_{safe}"
-    path, k = base, 1
-    while path.exists():
-        k += 1
-        path = base.with_name(f"{base.name}-{k}")
-    return path
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create the log folder {base.parent}: {e.strerror or e}") from None
+    k = 1
+    while True:
+        path = base if k == 1 else base.with_name(f"{base.name}-{k}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            k += 1
+        except OSError as e:
+            raise UsageError(f"cannot create the run folder {path}: {e.strerror or e}") from None
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    """The optimizer step a checkpoint was saved at (read without loading its tensors)."""
+    import torch
+
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types for broken files
+        raise CheckpointError(f"cannot read {ckpt}: not a checkpoint (truncated or corrupt)") from e
+    step = state.get("global_step") if isinstance(state, dict) else None
+    if not isinstance(step, int):
+        raise CheckpointError(f"{ckpt} has no global_step: not a checkpoint of ldm train-ae/train-ldm")
+    return step
 
 
 def _write_yaml(path: Path, doc: Any) -> None:
@@ -105,6 +132,8 @@ def _write_yaml(path: Path, doc: Any) -> None:
 # ------------------------------------------------------------------------------------------- first stage weights
 
 def _read_own_checkpoint(path: Path) -> dict[str, Any]:
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
@@ -146,7 +175,7 @@ def _first_stage_from(spec: str, callback: Progress | None) -> tuple[model_confi
         if entry.kind != "first_stage":
             raise UsageError(f"{spec} is not a first-stage model (see ldm download --list)")
         cfg = model_config.load_config(entry.arch or entry.name)
-        _emit(callback, {"event": "message", "text": f"first stage {entry.name}: using the zoo checkpoint"})
+        _emit(callback, TrainEvent("message", text=f"first stage {entry.name}: using the zoo checkpoint"))
         state = ckpt_io.load_checkpoint(store.checkpoint_path(entry.name)).state_dict
     if cfg.kind != "first_stage":
         raise UsageError(f"{spec} is not a first-stage model (its config describes an LDM)")
@@ -276,7 +305,7 @@ def _lpips_weights(net: Any, callback: Progress | None) -> None:
 
     folder = store.asset_path("lpips")
     loss.perceptual_loss.load_pretrained(folder / "vgg16-397923af.pth", folder / "vgg.pth")
-    _emit(callback, {"event": "message", "text": f"LPIPS weights from {folder}"})
+    _emit(callback, TrainEvent("message", text=f"LPIPS weights from {folder}"))
 
 
 def _check_kind(cfg: model_config.ModelConfig, kind: str) -> None:
@@ -312,6 +341,46 @@ def _check_labels(cfg: model_config.ModelConfig, dataset: Any, cond_drop: float)
         raise data_mod.DataError("text-conditional training needs captions: a .txt next to each image")
 
 
+def parse_devices(text: str | None) -> Any:
+    """``2`` / ``auto`` / ``0,1`` → Lightning's ``devices`` (None stays None)."""
+    if text is None:
+        return None
+    text = text.strip()
+    if text == "auto":
+        return "auto"
+    try:
+        if "," in text:
+            return [int(t) for t in text.split(",") if t.strip()]
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"--devices takes a number, 'auto' or indices like 0,1 (got {text!r})") from None
+    if value < 1:
+        raise UsageError("--devices must be at least 1")
+    return value
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """One training run as asked for. ``config``: a training preset or file; ``resume``: a run folder or one of
+    its checkpoints (its ``train.yaml`` is then the config). ``overrides``: :class:`TrainSettings` fields (the
+    command line's). ``data_root`` replaces the config's training folder, ``val_data`` names a validation folder.
+    ``devices`` is ``--devices``' text (``2``, ``auto``, ``0,1``); ``gpus`` upstream's ``--gpus 0,1``."""
+
+    kind: str
+    config: str | os.PathLike | None = None
+    resume: str | os.PathLike | None = None
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    data_root: str | os.PathLike | None = None
+    val_data: str | os.PathLike | None = None
+    batch_size: int | None = None
+    num_workers: int | None = None
+    first_stage: str | None = None
+    devices: str | None = None
+    gpus: str | None = None
+    logdir: str | os.PathLike = "logs"
+    name: str | None = None
+
+
 @dataclass
 class _Plan:
     """A validated run: config (first stage resolved), where it resumes from, devices."""
@@ -325,23 +394,35 @@ class _Plan:
     devices: Any
 
 
-def _plan(kind: str, config: str | os.PathLike | None, resume: str | os.PathLike | None,
-          overrides: dict[str, Any] | None, data_root: str | os.PathLike | None, batch_size: int | None,
-          num_workers: int | None, first_stage: str | None, gpus: str | None, callback: Progress | None) -> _Plan:
+def _folder_dataset(root: str | os.PathLike, size: int, base: Any = None) -> Any:
+    from ldmcli.training.config import DatasetConfig
+
+    params = {"root": str(Path(root).expanduser().resolve()), "size": size}  # absolute: --resume anywhere
+    if base is not None and base.target == "folder":
+        params = {**dict(base.params), **params}
+    return DatasetConfig("folder", params)
+
+
+def _plan(req: TrainRequest, callback: Progress | None) -> _Plan:
     """Read and check the config, the command-line overrides, the data settings and the first stage."""
+    kind, overrides = req.kind, dict(req.overrides)
+    if req.gpus is not None and req.devices is not None:
+        raise UsageError("--gpus and --devices both choose devices: give one")
+    if req.devices is not None:
+        overrides["devices"] = parse_devices(req.devices)
     ckpt_path: Path | None = None
-    if resume is not None:
-        if config is not None:
+    if req.resume is not None:
+        if req.config is not None:
             raise UsageError("--resume takes the run's own config: drop --config")
-        run_dir, ckpt_path = resolve_resume(resume)
+        run_dir, ckpt_path = resolve_resume(req.resume)
         import yaml
 
         doc = yaml.safe_load((run_dir / "train.yaml").read_text(encoding="utf-8"))
         cfg = parse_train_config(doc, str(run_dir / "train.yaml"), run_dir.name.split("_", 1)[-1])
     else:
-        if config is None:
+        if req.config is None:
             raise UsageError("--config is required (a training preset or a config file), or --resume a run")
-        cfg = load_train_config(config)
+        cfg = load_train_config(req.config)
         run_dir = None
     _check_kind(cfg.model, kind)
     settings = cfg.settings
@@ -354,117 +435,187 @@ def _plan(kind: str, config: str | os.PathLike | None, resume: str | os.PathLike
         settings = _check_settings(_reader("the command line"), dataclasses.replace(settings, **overrides), "")
     if settings.max_steps is None and settings.max_epochs is None:
         raise UsageError("set how long to train: --max-steps or --max-epochs (or max_steps in the config)")
-    if cfg.data is None and data_root is None:
+    if ckpt_path is not None and settings.max_steps is not None:
+        at = checkpoint_step(ckpt_path)
+        if at >= settings.max_steps:
+            raise UsageError(f"nothing to train: {ckpt_path} is at step {at} and the run stops at max_steps "
+                             f"{settings.max_steps}; give --max-steps above {at} to train longer")
+    for what, folder in (("data", req.data_root), ("validation data", req.val_data)):
+        if folder is not None and not Path(folder).expanduser().is_dir():
+            state = "is not a folder" if Path(folder).expanduser().exists() else "does not exist"
+            raise data_mod.DataError(f"{what} folder {folder} {state}")
+    if cfg.data is None and req.data_root is None:
         raise UsageError("no training data: give --data FOLDER or a data: section in the config")
     data_cfg = cfg.data
-    if data_root is not None:
-        size = cfg.model.pixel_size
-        params = {"root": str(Path(data_root).expanduser().resolve()), "size": size}  # absolute: --resume anywhere
-        if data_cfg is not None and data_cfg.train.target == "folder":
-            params = {**dict(data_cfg.train.params), **params}
-        from ldmcli.training.config import DataConfig, DatasetConfig
+    size = cfg.model.pixel_size
+    if req.data_root is not None:
+        from ldmcli.training.config import DataConfig
 
-        base = data_cfg or DataConfig(batch_size=batch_size or 8, train=DatasetConfig("folder", {}))
-        data_cfg = dataclasses.replace(base, train=DatasetConfig("folder", params))
-    if batch_size is not None:
-        if batch_size < 1:
+        base = data_cfg or DataConfig(batch_size=req.batch_size or 8, train=_folder_dataset(req.data_root, size))
+        validation = base.validation if base.validation is not None and base.validation.target == "folder" else None
+        data_cfg = dataclasses.replace(base, train=_folder_dataset(req.data_root, size, base.train),
+                                       validation=validation)  # the config's own dataset's validation goes too
+    if req.val_data is not None:
+        data_cfg = dataclasses.replace(data_cfg, validation=_folder_dataset(req.val_data, size, data_cfg.validation))
+    if data_cfg.validation is not None and settings.val_fraction > 0:
+        raise UsageError("validation data is given twice: a validation folder and a held-out fraction; give one")
+    if req.batch_size is not None:
+        if req.batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
-        data_cfg = dataclasses.replace(data_cfg, batch_size=batch_size)
-    if num_workers is not None:
-        if num_workers < 0:
+        data_cfg = dataclasses.replace(data_cfg, batch_size=req.batch_size)
+    if req.num_workers is not None:
+        if req.num_workers < 0:
             raise UsageError("--num-workers must be 0 or more")
-        data_cfg = dataclasses.replace(data_cfg, num_workers=num_workers)
-    accelerator, devices = _devices_and_accelerator(settings, gpus)
+        data_cfg = dataclasses.replace(data_cfg, num_workers=req.num_workers)
+    accelerator, devices = _devices_and_accelerator(settings, req.gpus)
     null_condition = None
     if kind == "ldm" and settings.cond_drop > 0:
         null_condition = _null_condition(cfg.model)
     model_cfg = cfg.model
     fs_state: dict[str, Any] | None = None
     if kind == "ldm" and ckpt_path is None:
-        spec = first_stage or _first_stage_hint(cfg)
+        spec = req.first_stage or _first_stage_hint(cfg)
         if spec is None:
             raise UsageError("train-ldm needs a trained first stage: --first-stage NAME_OR_PATH (a zoo first stage "
                              "such as kl-f8, or a train-ae checkpoint or run folder)")
         fs_cfg, fs_state = _first_stage_from(spec, callback)
         model_cfg = _with_first_stage(model_cfg, fs_cfg)
-    elif first_stage is not None and ckpt_path is not None:
+    elif req.first_stage is not None and ckpt_path is not None:
         raise UsageError("--first-stage cannot change a resumed run (its checkpoint holds the first stage)")
     cfg = dataclasses.replace(cfg, model=model_cfg, data=data_cfg, settings=settings)
     return _Plan(cfg, run_dir, ckpt_path, fs_state, null_condition, accelerator, devices)
 
 
-def train(
-    kind: str,
-    config: str | os.PathLike | None = None,
-    *,
-    resume: str | os.PathLike | None = None,
-    overrides: dict[str, Any] | None = None,
-    data_root: str | os.PathLike | None = None,
-    batch_size: int | None = None,
-    num_workers: int | None = None,
-    first_stage: str | None = None,
-    gpus: str | None = None,
-    logdir: str | os.PathLike = "logs",
-    name: str | None = None,
-    callback: Progress | None = None,
-) -> RunResult:
-    """Train an autoencoder (``kind="autoencoder"``) or a latent diffusion model (``kind="ldm"``).
+def _cpu_precision_warning(accelerator: str, precision: str) -> str | None:
+    """float16 has no fast CPU kernels: Lightning's 16-mixed runs on a CPU, about 13x slower than float32."""
+    if not precision.startswith("16"):
+        return None
+    import torch
 
-    ``config`` is a training preset name or a config file; ``resume`` a run folder or one of its checkpoints
-    (the run's own ``train.yaml`` is then the config). ``overrides`` are :class:`TrainSettings` fields. Every
-    value is checked before the run folder is created or anything heavy is loaded."""
-    import lightning as L
+    mps = getattr(torch.backends, "mps", None)
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()
+                                      and not (mps is not None and mps.is_available()))
+    if not on_cpu:
+        return None
+    return (f"precision {precision} on the CPU is much slower than 32 (float16 has no fast CPU kernels; measured "
+            "13x): use --precision 32, or bf16-mixed on a CPU with native bf16")
 
-    from ldmcli.training import callbacks as cb
-    from ldmcli.training.modules import AutoencoderModule, LatentDiffusionModule
 
-    if kind not in KINDS:
+def _datasets(plan: _Plan, callback: Progress | None) -> tuple[Any, Any]:
+    """The training set and the validation set (None without one), checked; warnings reported."""
+    cfg = plan.cfg
+    data_cfg, settings, model_cfg = cfg.data, cfg.settings, cfg.model
+    adapt = None if callback is None else (lambda e: callback(e if isinstance(e, TrainEvent) else
+                                                              TrainEvent(str(e.get("event")), path=e.get("path"))))
+    dataset = data_mod.build_dataset(data_cfg.train.target, data_cfg.train.params, adapt)
+    report = getattr(dataset, "report", None)
+    if report is not None and report.skipped:
+        _emit(callback, TrainEvent("warning", text=f"skipped {len(report.skipped)} unreadable image(s), e.g. "
+                                                   f"{report.skipped[0][0]} ({report.skipped[0][1]})"))
+    if report is not None and model_cfg.ldm is not None and model_cfg.ldm.cond_stage_key == "caption" \
+            and report.missing_captions:
+        _emit(callback, TrainEvent("warning", text=f"{report.missing_captions} image(s) have no caption .txt: "
+                                                   "they train with the empty caption"))
+    val = None
+    if data_cfg.validation is not None:
+        val = data_mod.build_dataset(data_cfg.validation.target, data_cfg.validation.params, adapt)
+        vreport = getattr(val, "report", None)
+        if vreport is not None and vreport.skipped:
+            _emit(callback, TrainEvent("warning", text=f"validation data: skipped {len(vreport.skipped)} unreadable "
+                                                       f"image(s), e.g. {vreport.skipped[0][0]}"))
+    elif settings.val_fraction > 0:
+        dataset, val = data_mod.hold_out(dataset, settings.val_fraction)
+    _check_labels(model_cfg, dataset, settings.cond_drop)
+    if val is not None:
+        _check_labels(model_cfg, val, settings.cond_drop)
+    return dataset, val
+
+
+def _monitor(kind: str, net: Any) -> str:
+    """The validation loss that picks ``best.ckpt``, as upstream's configs monitor it."""
+    if kind == "autoencoder":
+        return "val/rec_loss"
+    return "val/loss_simple_ema" if getattr(net, "use_ema", False) else "val/loss_simple"
+
+
+def sampling_config(cfg: model_config.ModelConfig) -> model_config.ModelConfig:
+    """The config a trained model samples with: a first stage without its training loss (LPIPS, discriminator),
+    so ``model.ckpt`` and ``config.yaml`` need none of those weights. ``train.yaml`` keeps the full config."""
+    if cfg.kind != "first_stage" or cfg.first_stage.loss.type == "none":
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.first_stage, loss=model_config.LossConfig("none")))
+
+
+def _release(run_dir: Path) -> None:
+    """Give back a run folder claimed by a run that failed before writing anything into it."""
+    with contextlib.suppress(OSError):
+        run_dir.rmdir()
+
+
+def run_training(req: TrainRequest, callback: Progress | None = None) -> RunResult:
+    """Train an autoencoder (``req.kind == "autoencoder"``) or a latent diffusion model (``"ldm"``).
+
+    Every value is checked, and the data read, before Lightning is imported, the run folder is claimed or anything
+    heavy is loaded. Progress comes as :class:`TrainEvent` s through ``callback``."""
+    if req.kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
-    plan = _plan(kind, config, resume, overrides, data_root, batch_size, num_workers, first_stage, gpus, callback)
+    kind = req.kind
+    plan = _plan(req, callback)
     cfg, run_dir, ckpt_path, fs_state = plan.cfg, plan.run_dir, plan.ckpt_path, plan.fs_state
     null_condition, accelerator, devices = plan.null_condition, plan.accelerator, plan.devices
     model_cfg, data_cfg, settings = cfg.model, cfg.data, cfg.settings
+    lr_base = cfg.model.base_learning_rate
+    if lr_base is None:
+        raise UsageError("the config has no base_learning_rate")
 
     # ---- data (built before any folder is written: a missing or empty dataset fails here)
-    dataset = data_mod.build_dataset(data_cfg.train.target, data_cfg.train.params, callback)
-    report = getattr(dataset, "report", None)
-    if report is not None and report.skipped:
-        _emit(callback, {"event": "warning", "text": f"skipped {len(report.skipped)} unreadable image(s), e.g. "
-                                                     f"{report.skipped[0][0]} ({report.skipped[0][1]})",
-                         "skipped": len(report.skipped)})
-    if report is not None and model_cfg.ldm is not None and model_cfg.ldm.cond_stage_key == "caption" \
-            and report.missing_captions:
-        _emit(callback, {"event": "warning", "text": f"{report.missing_captions} image(s) have no caption .txt: "
-                                                     "they train with the empty caption"})
-    _check_labels(model_cfg, dataset, settings.cond_drop)
+    dataset, val_dataset = _datasets(plan, callback)
+    warning = _cpu_precision_warning(accelerator, settings.precision)
 
-    # ---- trainer (validates devices, precision and strategy before the model is built)
+    # ---- Lightning only from here on (_fit): a bad config or data folder fails in well under a second
     env_run_dir = os.environ.get(RUN_DIR_ENV)
     # processes the launcher started (LOCAL_RANK > 0) and other nodes' processes write no run files
     is_child = (bool(env_run_dir) and os.environ.get("LOCAL_RANK", "0") != "0") or \
         os.environ.get("NODE_RANK", "0") != "0"
+    claimed = False
     if is_child and env_run_dir:
         run_dir = Path(env_run_dir)
     elif run_dir is None:
-        run_dir = new_run_dir(logdir, name or cfg.name)
+        run_dir = claim_run_dir(req.logdir, req.name or cfg.name)
+        claimed = True
+    try:
+        return _fit(req, plan, run_dir, is_child, dataset, val_dataset, warning, lr_base, callback)
+    except BaseException:
+        if claimed:
+            _release(run_dir)  # only when still empty: a run that started keeps its checkpoints
+        raise
+
+
+def _fit(req: TrainRequest, plan: _Plan, run_dir: Path, is_child: bool, dataset: Any, val_dataset: Any,
+         warning: str | None, lr_base: float, callback: Progress | None) -> RunResult:
+    """Build the Trainer, the loaders, the callbacks and the module in ``run_dir``, then train."""
+    import lightning as L
+    import torch
+
+    from ldmcli.training import callbacks as cb
+    from ldmcli.training.modules import AutoencoderModule, LatentDiffusionModule
+
+    kind, cfg = req.kind, plan.cfg
+    ckpt_path, fs_state, null_condition = plan.ckpt_path, plan.fs_state, plan.null_condition
+    accelerator, devices = plan.accelerator, plan.devices
+    model_cfg, data_cfg, settings = cfg.model, cfg.data, cfg.settings
     ckpt_dir = run_dir / "checkpoints"
     n_dev = _num_devices(devices)
-    lr_base = cfg.model.base_learning_rate
-    if lr_base is None:
-        raise UsageError("the config has no base_learning_rate")
     lr = settings.accumulate * n_dev * data_cfg.batch_size * lr_base if settings.scale_lr else lr_base
     max_steps = settings.max_steps
     trainer_steps = -1 if max_steps is None else (2 * max_steps if kind == "autoencoder" else max_steps)
 
     progress_cb = callback or (lambda event: None)
-    total = settings.max_steps
-    callbacks: list[L.Callback] = []
+    callbacks: list[Any] = []
     if kind == "ldm":
         callbacks.append(cb.EMAUpdate())
-    loggers: list[Any] = []
-    from lightning.pytorch.loggers import CSVLogger
-
-    loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=""))
+    metrics = cb.MetricsCsv(run_dir / "metrics.csv")
+    loggers: list[Any] = [metrics]
     try:
         from lightning.pytorch.loggers import TensorBoardLogger
         import tensorboard  # noqa: F401
@@ -484,9 +635,7 @@ def train(
                 use_distributed_sampler=False, log_every_n_steps=settings.log_every, num_sanity_val_steps=0,
                 limit_val_batches=0, default_root_dir=str(run_dir),
             )
-    except (ValueError, TypeError, RuntimeError) as e:
-        raise UsageError(f"cannot set up training: {e}") from None
-    except Exception as e:  # Lightning's MisconfigurationException and friends
+    except Exception as e:  # ValueError, TypeError, Lightning's MisconfigurationException and friends
         raise UsageError(f"cannot set up training: {e}") from None
     rank, world = trainer.global_rank, trainer.world_size
     sampler = data_mod.ResumableSampler(len(dataset), seed=settings.seed, shuffle=True, rank=rank, world_size=world)
@@ -500,13 +649,20 @@ def train(
         callbacks.append(cb.SeenExamples(run_dir / "examples"))
     callbacks.append(cb.ImageLogger(run_dir / "images" / "train", settings.log_images_every,
                                     settings.increase_log_steps, callback))
-    callbacks.append(cb.ProgressReporter(progress_cb, total, every=1))
-    callbacks.append(cb.Checkpointer(ckpt_dir, settings.checkpoint_every, settings.keep_every, callback))
-    trainer.callbacks.extend(callbacks)  # in this order: EMA, data order, logs, then the checkpoint
+    callbacks.append(cb.ProgressReporter(progress_cb, settings.max_steps, every=1))
+    callbacks.append(cb.FinalMetrics(metrics))
 
     # ---- model
     L.seed_everything(settings.seed, verbose=False)
     net = model_config.build_model(model_cfg)
+    if val_dataset is not None:
+        val_loader = torch.utils.data.DataLoader(val_dataset, batch_size=data_cfg.batch_size, shuffle=False,
+                                                 num_workers=min(workers, 2), collate_fn=data_mod.collate)
+        callbacks.append(cb.Validation(val_loader, settings.val_every, _monitor(kind, net), ckpt_dir, settings.seed,
+                                       callback, final_step=max_steps))
+    callbacks.append(cb.Checkpointer(ckpt_dir, settings.checkpoint_every, settings.keep_every, callback,
+                                     final_step=max_steps))
+    trainer.callbacks.extend(callbacks)  # in this order: EMA, data order, logs, validation, then the checkpoint
     if kind == "autoencoder":
         _lpips_weights(net, callback)
         module: Any = AutoencoderModule(net, lr, seed=settings.seed, accumulate=settings.accumulate,
@@ -525,12 +681,15 @@ def train(
 
     if not is_child:
         run_dir.mkdir(parents=True, exist_ok=True)
-        model_doc = model_config.config_to_dict(model_cfg)
+        model_doc = model_config.config_to_dict(sampling_config(model_cfg))
         _write_yaml(run_dir / "config.yaml", model_doc)
         _write_yaml(ckpt_dir / "config.yaml", model_doc)
         _write_yaml(run_dir / "train.yaml", train_config_to_dict(cfg))
-        _emit(callback, {"event": "run_dir", "path": str(run_dir), "learning_rate": lr,
-                         "examples": len(dataset), "resumed_from": str(ckpt_path) if ckpt_path else None})
+        _emit(callback, TrainEvent("run_dir", path=str(run_dir), learning_rate=lr, examples=len(dataset),
+                                   val_examples=len(val_dataset) if val_dataset is not None else None,
+                                   resumed_from=str(ckpt_path) if ckpt_path else None))
+        if warning:
+            _emit(callback, TrainEvent("warning", text=warning))
 
     sigint = signal.getsignal(signal.SIGINT)
     interrupted = False
@@ -550,9 +709,23 @@ def train(
     model_ckpt = None
     if trainer.is_global_zero:
         model_ckpt = run_dir / "model.ckpt"
-        cb.atomic_torch_save({"state_dict": {k: v for k, v in torch.load(ckpt_dir / "last.ckpt", map_location="cpu",
-                                                                         weights_only=True)["state_dict"].items()},
-                              "global_step": step, "ldmcli_config": model_config.config_to_dict(model_cfg)},
+        drop = tuple(module.TRAINING_ONLY_PREFIXES)
+        state = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+        cb.atomic_torch_save({"state_dict": {k: v for k, v in state.items() if not (drop and k.startswith(drop))},
+                              "global_step": step,
+                              "ldmcli_config": model_config.config_to_dict(sampling_config(model_cfg))},
                              model_ckpt)
+    report = getattr(dataset, "report", None)
+    best = ckpt_dir / "best.ckpt"
     return RunResult(run_dir=run_dir, checkpoint=ckpt_dir / "last.ckpt", model_checkpoint=model_ckpt,
-                     global_step=step, skipped_images=len(report.skipped) if report is not None else 0)
+                     global_step=step, skipped_images=len(report.skipped) if report is not None else 0,
+                     best_checkpoint=best if best.is_file() else None)
+
+
+def train(kind: str, config: str | os.PathLike | None = None, *, callback: Progress | None = None,
+          **fields: Any) -> RunResult:
+    """``run_training(TrainRequest(kind, config, **fields), callback)``: the keyword form, e.g.
+    ``train("ldm", "digits-ldm", data_root="data/digits", first_stage="logs/...", overrides={"max_steps": 2000})``."""
+    if fields.get("overrides") is None:
+        fields.pop("overrides", None)
+    return run_training(TrainRequest(kind, config, **fields), callback)
