@@ -84,9 +84,9 @@ def test_autoencoder_then_class_conditional_ldm_through_the_cli(cli, images, tmp
     assert {p.name.split("_gs")[0] for p in (ldm_dir / "images" / "train").glob("*.png")} == {
         "inputs", "reconstruction", "samples"}
 
-    from ldmcli.loading import load_model
+    from ldmcli.loading import load
 
-    assert load_model(ldm_dir / "config.yaml", ckpt=ldm_dir / "model.ckpt").global_step == 3
+    assert load(ldm_dir / "config.yaml", ckpt=ldm_dir / "model.ckpt").global_step == 3
     out = tmp_path / "samples"
     r = cli("sample", "-r", ldm_dir, "--class", "0", "--class", "2", "-n", "2", "--steps", "3", "--scale", "2",
             "--seed", "0", "--device", "cpu", "--logdir", out)  # guidance against the null class 3 of --cond-drop
@@ -232,9 +232,9 @@ def test_ddp_on_cpu_two_processes_see_disjoint_data(images, tmp_path):
             for k in range(2)]
     assert len(seen[0]) == len(seen[1]) == 8  # 2 steps x batch 4 each
     assert seen[0].isdisjoint(seen[1])
-    from ldmcli.loading import load_model
+    from ldmcli.loading import load
 
-    model = load_model(run_dir / "config.yaml", ckpt=run_dir / "model.ckpt")
+    model = load(run_dir / "config.yaml", ckpt=run_dir / "model.ckpt")
     assert model.global_step == 2
 
 
@@ -408,9 +408,9 @@ def test_short_run_writes_metrics_and_resumes_append_to_them_exactly(images, tmp
     model = torch.load(first.model_checkpoint, weights_only=True)["state_dict"]
     assert not any(k.startswith("loss.") for k in model) and first.model_checkpoint.stat().st_size < 5e6
 
-    from ldmcli.loading import load_model
+    from ldmcli.loading import load
 
-    assert load_model(first.run_dir / "config.yaml", ckpt=first.model_checkpoint).global_step == 2
+    assert load(first.run_dir / "config.yaml", ckpt=first.model_checkpoint).global_step == 2
 
     train("autoencoder", resume=first.run_dir, overrides={"max_steps": 3, "log_every": 1})
     resumed = train("autoencoder", resume=first.run_dir, overrides={"max_steps": 5, "log_every": 1})
