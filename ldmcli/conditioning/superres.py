@@ -146,6 +146,7 @@ def plan_upscale(
     first_stage_factor: int = 4,
     z_channels: int = 3,
     patch_batch: int = 1,
+    decode_patch_batch: int = 1,
 ) -> UpscalePlan:
     """The sizes and patch settings for upscaling a ``height x width`` image (see the module docstring for the
     padding rule). A low-resolution side under :data:`MIN_SIDE` is a UsageError."""
@@ -159,7 +160,7 @@ def plan_upscale(
     ph, pw = lh + -lh % multiple, lw + -lw % multiple
     split = None
     if UPSCALE * ph >= SPLIT_FROM and UPSCALE * pw >= SPLIT_FROM:
-        split = {**NOTEBOOK_SPLIT, "patch_batch": patch_batch}
+        split = {**NOTEBOOK_SPLIT, "patch_batch": patch_batch, "decode_patch_batch": decode_patch_batch}
     return UpscalePlan(
         input_size=(height, width),
         lowres_size=(lh, lw),

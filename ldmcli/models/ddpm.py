@@ -422,7 +422,7 @@ class LatentDiffusion(nn.Module):
             return decode(z)
         ks, stride = clamp_patch(params.ks, params.stride, *z.shape[-2:])
         return run_patchwise(lambda parts, n: decode(parts[0]), [z], ks, stride, Fraction(params.vqf), params,
-                             "decode")
+                             "decode", batch=params.decode_patch_batch)
 
     def get_learned_conditioning(self, c: Any) -> Any:
         """Run the conditioner on raw conditioning ``c``: its ``encode`` when it has one (a posterior gives its

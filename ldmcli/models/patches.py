@@ -50,7 +50,7 @@ NOTEBOOK_SPLIT = {
     "clip_max_tie_weight": 0.5,
     "clip_min_tie_weight": 0.01,
 }
-_EXTRA_KEYS = ("patch_batch", "progress", "original_image_size")
+_EXTRA_KEYS = ("patch_batch", "decode_patch_batch", "progress", "original_image_size")
 
 
 def _pair(value: Any, name: str) -> tuple[int, int]:
@@ -67,8 +67,9 @@ class SplitInputParams:
 
     ``ks``/``stride``: patch size and step, in the units of the tensor being cut (latent pixels for the UNet and
     the decoder, image pixels for the encoder). ``vqf``: the first stage's downsampling factor.
-    ``patch_distributed_vq``: also cut encoder/decoder inputs. ``patch_batch`` (ours): patches per forward pass.
-    ``progress`` (ours): a :data:`PatchProgress` callable.
+    ``patch_distributed_vq``: also cut encoder/decoder inputs. Ours: ``patch_batch``, patches per UNet/encoder
+    pass (default 1); ``decode_patch_batch``, patches per decoder pass (default 1: a bsr_sr decoder patch of 512x512
+    peaks at about 2.5 GB); ``progress``, a :data:`PatchProgress` callable.
     """
 
     ks: tuple[int, int]
@@ -81,6 +82,7 @@ class SplitInputParams:
     clip_max_tie_weight: float
     clip_min_tie_weight: float
     patch_batch: int = 1
+    decode_patch_batch: int = 1
     progress: PatchProgress | None = None
 
     @classmethod
@@ -94,9 +96,12 @@ class SplitInputParams:
         vqf = merged["vqf"]
         if not isinstance(vqf, int) or isinstance(vqf, bool) or vqf < 1:
             raise ValueError(f"split_input_params['vqf'] must be a positive int, not {vqf!r}")
-        batch = merged.get("patch_batch", 1)
-        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-            raise ValueError(f"split_input_params['patch_batch'] must be a positive int, not {batch!r}")
+        batches = {}
+        for key in ("patch_batch", "decode_patch_batch"):
+            batch = merged.get(key, 1)
+            if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+                raise ValueError(f"split_input_params[{key!r}] must be a positive int, not {batch!r}")
+            batches[key] = batch
         clips = {}
         for key in ("clip_max_weight", "clip_min_weight", "clip_max_tie_weight", "clip_min_tie_weight"):
             value = merged[key]
@@ -115,8 +120,8 @@ class SplitInputParams:
             vqf=vqf,
             patch_distributed_vq=bool(merged["patch_distributed_vq"]),
             tie_braker=bool(merged["tie_braker"]),
-            patch_batch=batch,
             progress=progress,
+            **batches,
             **clips,
         )
 
@@ -170,13 +175,16 @@ def run_patchwise(
     scale: Fraction,
     p: SplitInputParams,
     stage: str,
+    batch: int | None = None,
 ) -> Tensor:
     """Evaluate ``fn`` patch by patch over ``inputs`` (tensors ``[b, c_i, H, W]`` cut identically) and blend.
 
     ``fn(patches, n)`` gets one tensor per input holding ``n`` patches stacked along the batch axis (patch-major:
     rows ``[patch0 sample0, patch0 sample1, ..., patch1 sample0, ...]``) and returns ``[n * b, c_out, kh * scale,
-    kw * scale]``. The result is ``[b, c_out, H * scale, W * scale]`` in the dtype of ``fn``'s output.
+    kw * scale]``. The result is ``[b, c_out, H * scale, W * scale]`` in the dtype of ``fn``'s output. ``batch``
+    patches go through ``fn`` at a time (default ``p.patch_batch``).
     """
+    batch = batch or p.patch_batch
     x = inputs[0]
     b, _, h, w = x.shape
     kh, kw = ks
@@ -193,8 +201,8 @@ def run_patchwise(
     out: Tensor | None = None
     norm = torch.zeros(1, 1, int(h * scale), int(w * scale), device=x.device)
     out_dtype = x.dtype
-    for first in range(0, total, p.patch_batch):
-        chunk = grid[first : first + p.patch_batch]
+    for first in range(0, total, batch):
+        chunk = grid[first : first + batch]
         parts = [torch.cat([t[:, :, y0 : y0 + kh, x0 : x0 + kw] for y0, x0 in chunk]) for t in inputs]
         result = fn(parts, len(chunk))
         if result.shape[0] != len(chunk) * b or tuple(result.shape[-2:]) != (oh, ow):
