@@ -58,7 +58,8 @@ def test_clamping_and_inverse_build():
 
 
 def test_shuffle_only_when_asked():
-    objs = [{"class": name, "bbox": [0.1 * i, 0.1 * i, 0.1, 0.1]} for i, name in enumerate(["Dog", "Cat", "Car", "Tree"])]
+    names = ["Dog", "Cat", "Car", "Tree"]
+    objs = [{"class": name, "bbox": [0.1 * i, 0.1 * i, 0.1, 0.1]} for i, name in enumerate(names)]
     assert layout_tokens(objs).tolist() == layout_tokens(objs).tolist()
     shuffled = layout_tokens(objs, shuffle=True, seed=3)
     assert shuffled.tolist() == layout_tokens(objs, shuffle=True, seed=3).tolist()

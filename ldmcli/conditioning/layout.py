@@ -295,7 +295,8 @@ def plot_layout(
     objects: Iterable[LayoutObject | Mapping[str, Any]], size: tuple[int, int] = (256, 256), line_width: int = 3
 ) -> Image.Image:
     """The layout as the model sees it (boxes snapped to the token grid), drawn as taming's ``plot`` does: white
-    background, tab10 outlines, labels with flag initials (g, o, d, i), the crop in grey. ``size`` is (width, height)."""
+    background, tab10 outlines, labels with flag initials (g, o, d, i), the crop in grey. ``size`` is
+    (width, height)."""
     objs, crop = objects_from_tokens(layout_tokens(objects))
     width, height = size
     image = Image.new("RGB", (width, height), (255, 255, 255))
