@@ -161,8 +161,7 @@ class LatentDiffusion(nn.Module):
         self.log_every_t = log_every_t
         self.monitor = monitor
         self.scheduler_config = scheduler_config
-        self._split_input: SplitInputParams | None = None
-        self._split_input_dict: dict[str, Any] | None = None
+        self._split_input_dict: dict[str, Any] | None = None  # upstream's split_input_params, see below
 
         self.model = DiffusionWrapper(unet, conditioning_key)
         self.use_ema = use_ema
@@ -309,7 +308,6 @@ class LatentDiffusion(nn.Module):
             - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise
         )
 
-    # ------------------------------------------------------------------------------------- stages and the UNet
     # ------------------------------------------------------------------------------------ patch-wise evaluation
     @property
     def split_input_params(self) -> dict[str, Any]:
@@ -324,23 +322,19 @@ class LatentDiffusion(nn.Module):
 
     @split_input_params.setter
     def split_input_params(self, params: dict[str, Any] | None) -> None:
-        if params is None:
-            self._split_input, self._split_input_dict = None, None
-            return
-        self._split_input = SplitInputParams.from_dict(params)
+        if params is not None:
+            SplitInputParams.from_dict(params)  # a bad dict fails here, not at the first step
         self._split_input_dict = params
 
     @split_input_params.deleter
     def split_input_params(self) -> None:
-        self._split_input, self._split_input_dict = None, None
+        self._split_input_dict = None
 
     def _split(self) -> SplitInputParams | None:
         """The validated params, re-read when a caller changed the dict in place (upstream code does)."""
         if self._split_input_dict is None:
             return None
-        params = SplitInputParams.from_dict(self._split_input_dict)
-        self._split_input = params
-        return params
+        return SplitInputParams.from_dict(self._split_input_dict)
 
     def delta_border(self, h: int, w: int) -> torch.Tensor:
         """Upstream's normalised distance to the border of an ``h x w`` patch (``(h, w)``, 0 to 0.5)."""
