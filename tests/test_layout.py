@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from importlib import resources
 
 import pytest
 import torch
@@ -118,3 +119,34 @@ def test_shipped_example_layout():
     objs = read_layout(path)
     assert 2 <= len(objs) <= 30
     assert layout_tokens(objs).shape == (92,)
+
+
+_LAYOUT_BERT = """
+      target: ldm.modules.encoders.modules.BERTEmbedder
+      params:
+        n_embed: 64
+        n_layer: 1
+        vocab_size: 8192
+        max_seq_len: 92
+        use_tokenizer: false"""
+
+
+def test_tokens_through_a_tiny_layout_model(tmp_path):
+    """layout2img in miniature: BERTEmbedder over 8192 token ids, 92 positions, cross-attention."""
+    from ldmcli import config
+    from ldmcli.loading import params_on_meta
+    from tinymodels import _VQ, _XATTN, _cfg, randomize
+
+    text = _cfg(channels=3, params="    cond_stage_trainable: true\n    conditioning_key: crossattn\n",
+                cond_key="coordinates_bbox", unet_in=3, unet_extra=_XATTN,
+                first_stage=_VQ.format(attn_type="", attn="[]"), cond=_LAYOUT_BERT)
+    (tmp_path / "config.yaml").write_text(text)
+    with params_on_meta():
+        model = config.build_model(config.load_config(tmp_path / "config.yaml"))
+    model = randomize(model).eval()
+    tokens = layout_tokens(read_layout(resources.files("ldmcli").joinpath("assets/layout/example.json")))
+    with torch.no_grad():
+        context = model.get_learned_conditioning(tokens[None])
+        assert context.shape == (1, 92, 64)
+        eps = model.apply_model(torch.randn(1, 3, 8, 8), torch.tensor([10]), context)
+    assert eps.shape == (1, 3, 8, 8) and torch.isfinite(eps).all()
