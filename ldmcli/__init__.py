@@ -13,6 +13,7 @@ _LAZY = {
     "load_model": ("ldmcli.loading", "load_model"),
     "DDIMSampler": ("ldmcli.sampling.compat", "DDIMSampler"),
     "PLMSSampler": ("ldmcli.sampling.compat", "PLMSSampler"),
+    "layout_tokens": ("ldmcli.conditioning.layout", "layout_tokens"),
 }
 
 __all__ = ["__version__", *_LAZY]

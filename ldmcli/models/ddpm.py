@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,15 @@ from torch import nn
 from ldmcli.models.autoencoder import VQModelInterface
 from ldmcli.models.distributions import DiagonalGaussianDistribution
 from ldmcli.models.ema import LitEma
+from ldmcli.models.patches import (
+    SplitInputParams,
+    clamp_patch,
+    delta_border,
+    patch_weighting,
+    repeat_batch,
+    run_patchwise,
+    tie_weighting,
+)
 from ldmcli.models.schedule import SCHEDULE_BUFFERS, extract, lvlb_weights, make_beta_schedule, schedule_buffers
 from ldmcli.sampling.samplers import noise_like
 
@@ -74,8 +84,8 @@ class LatentDiffusion(nn.Module):
     ``unet``, ``first_stage_model`` and ``cond_stage_model`` are built modules. ``cond_stage_model`` may be None
     (or ``"__is_unconditional__"``) for an unconditional model, or the first stage itself (or
     ``"__is_first_stage__"``) as in inpainting_big. The other keywords are upstream's ``LatentDiffusion`` /
-    ``DDPM`` parameters; training-only bookkeeping ones (``monitor``, ``scheduler_config``, ``log_every_t``,
-    ``ckpt_path``, ``ignore_keys``, ``load_only_unet``) are accepted and ignored.
+    ``DDPM`` parameters; the training bookkeeping ones (``monitor``, ``scheduler_config``, ``log_every_t``) are kept
+    as plain attributes for a trainer. Checkpoint loading is not the model's job (see ``ldmcli.loading``).
     """
 
     def __init__(
@@ -114,9 +124,6 @@ class LatentDiffusion(nn.Module):
         monitor: str | None = None,
         scheduler_config: Any = None,
         log_every_t: int = 100,
-        ckpt_path: str | None = None,
-        ignore_keys: Sequence[str] = (),
-        load_only_unet: bool = False,
     ) -> None:
         super().__init__()
         if parameterization not in ("eps", "x0"):
@@ -153,6 +160,8 @@ class LatentDiffusion(nn.Module):
         self.scale_by_std = scale_by_std
         self.log_every_t = log_every_t
         self.monitor = monitor
+        self.scheduler_config = scheduler_config
+        self._split_input_dict: dict[str, Any] | None = None  # upstream's split_input_params, see below
 
         self.model = DiffusionWrapper(unet, conditioning_key)
         self.use_ema = use_ema
@@ -277,15 +286,6 @@ class LatentDiffusion(nn.Module):
                 self.model_ema.restore(self.model.parameters())
 
     # ------------------------------------------------------------------------------------------ diffusion math
-    def q_mean_variance(
-        self, x_start: torch.Tensor, t: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mean, variance and log-variance of q(x_t | x_0)."""
-        mean = extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-        variance = extract(1.0 - self.alphas_cumprod, t, x_start.shape)
-        log_variance = extract(self.log_one_minus_alphas_cumprod, t, x_start.shape)
-        return mean, variance, log_variance
-
     def q_sample(
         self,
         x_start: torch.Tensor,
@@ -308,28 +308,68 @@ class LatentDiffusion(nn.Module):
             - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise
         )
 
-    def _predict_eps_from_xstart(self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor) -> torch.Tensor:
-        return (extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart) / extract(
-            self.sqrt_recipm1_alphas_cumprod, t, x_t.shape
-        )
+    # ------------------------------------------------------------------------------------ patch-wise evaluation
+    @property
+    def split_input_params(self) -> dict[str, Any]:
+        """Upstream's switch for patch-wise evaluation (see :mod:`ldmcli.models.patches`): set it to a dict such as
+        ``{"ks": (128, 128), "stride": (64, 64), "vqf": 4, "patch_distributed_vq": True, "tie_braker": False,
+        "clip_max_weight": 0.5, "clip_min_weight": 0.01, "clip_max_tie_weight": 0.5, "clip_min_tie_weight": 0.01}``
+        and ``apply_model`` / ``encode_first_stage`` / ``decode_first_stage`` run patch by patch; ``del`` it (or set
+        None) to go back. ``hasattr(model, "split_input_params")`` is False while unset, as upstream."""
+        if self._split_input_dict is None:
+            raise AttributeError("split_input_params")
+        return self._split_input_dict
 
-    def q_posterior(
-        self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
-        mean = (
-            extract(self.posterior_mean_coef1, t, x_t.shape) * x_start
-            + extract(self.posterior_mean_coef2, t, x_t.shape) * x_t
-        )
-        variance = extract(self.posterior_variance, t, x_t.shape)
-        log_variance = extract(self.posterior_log_variance_clipped, t, x_t.shape)
-        return mean, variance, log_variance
+    @split_input_params.setter
+    def split_input_params(self, params: dict[str, Any] | None) -> None:
+        if params is not None:
+            SplitInputParams.from_dict(params)  # a bad dict fails here, not at the first step
+        self._split_input_dict = params
+
+    @split_input_params.deleter
+    def split_input_params(self) -> None:
+        self._split_input_dict = None
+
+    def _split(self) -> SplitInputParams | None:
+        """The validated params, re-read when a caller changed the dict in place (upstream code does)."""
+        if self._split_input_dict is None:
+            return None
+        return SplitInputParams.from_dict(self._split_input_dict)
+
+    def delta_border(self, h: int, w: int) -> torch.Tensor:
+        """Upstream's normalised distance to the border of an ``h x w`` patch (``(h, w)``, 0 to 0.5)."""
+        return delta_border(h, w)
+
+    def get_weighting(self, h: int, w: int, Ly: int, Lx: int, device: Any) -> torch.Tensor:  # noqa: N803
+        """Upstream's blending weights ``(1, h * w, Ly * Lx)`` for ``Ly x Lx`` patches of ``h x w`` (needs
+        ``split_input_params`` for the clip bounds)."""
+        params = self._split()
+        if params is None:
+            raise ValueError("get_weighting needs split_input_params")
+        weighting = patch_weighting(h, w, params).reshape(1, h * w, 1).repeat(1, 1, Ly * Lx)
+        ties = tie_weighting(Ly, Lx, params)
+        if ties is not None:
+            weighting = weighting * ties.view(1, 1, Ly * Lx)
+        return weighting.to(device)
 
     # ------------------------------------------------------------------------------------- stages and the UNet
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor) -> torch.Tensor | DiagonalGaussianDistribution:
-        """The first stage's encoding of images ``x`` in [-1, 1] (a posterior for KL, a tensor for VQ)."""
-        return self.first_stage_model.encode(x)
+        """The first stage's encoding of images ``x`` in [-1, 1] (a posterior for KL, a tensor for VQ); patch by
+        patch under ``split_input_params`` with ``patch_distributed_vq`` (``ks``/``stride`` in image pixels)."""
+        params = self._split()
+        if params is None or not params.patch_distributed_vq:
+            return self.first_stage_model.encode(x)
+        self._split_input_dict["original_image_size"] = tuple(x.shape[-2:])
+        ks, stride = clamp_patch(params.ks, params.stride, *x.shape[-2:])
+
+        def encode(parts: list[torch.Tensor], n: int) -> torch.Tensor:
+            h = self.first_stage_model.encode(parts[0])
+            if not isinstance(h, torch.Tensor):
+                raise TypeError("patch-wise encoding needs a first stage whose encode returns a tensor (a VQ stage)")
+            return h
+
+        return run_patchwise(encode, [x], ks, stride, Fraction(1, params.vqf), params, "encode")
 
     def get_first_stage_encoding(
         self,
@@ -355,16 +395,28 @@ class LatentDiffusion(nn.Module):
     def differentiable_decode_first_stage(
         self, z: torch.Tensor, predict_cids: bool = False, force_not_quantize: bool = False
     ) -> torch.Tensor:
-        """:meth:`decode_first_stage` without ``no_grad`` (for losses through the decoder)."""
+        """:meth:`decode_first_stage` without ``no_grad`` (for losses through the decoder). Patch by patch under
+        ``split_input_params`` with ``patch_distributed_vq`` (``ks``/``stride`` in latent pixels, ``vqf`` the
+        upscaling), each patch decoded (and, for VQ, quantised) on its own as upstream."""
         if predict_cids:
             if z.dim() == 4:
                 z = torch.argmax(z.exp(), dim=1).long()
             z = self.first_stage_model.quantize.get_codebook_entry(z, shape=None)
             z = rearrange(z, "b h w c -> b c h w").contiguous()
         z = 1.0 / self.scale_factor * z
-        if isinstance(self.first_stage_model, VQModelInterface):
-            return self.first_stage_model.decode(z, force_not_quantize=predict_cids or force_not_quantize)
-        return self.first_stage_model.decode(z)
+        vq = isinstance(self.first_stage_model, VQModelInterface)
+
+        def decode(part: torch.Tensor) -> torch.Tensor:
+            if vq:
+                return self.first_stage_model.decode(part, force_not_quantize=predict_cids or force_not_quantize)
+            return self.first_stage_model.decode(part)
+
+        params = self._split()
+        if params is None or not params.patch_distributed_vq:
+            return decode(z)
+        ks, stride = clamp_patch(params.ks, params.stride, *z.shape[-2:])
+        return run_patchwise(lambda parts, n: decode(parts[0]), [z], ks, stride, Fraction(params.vqf), params,
+                             "decode", batch=params.decode_patch_batch)
 
     def get_learned_conditioning(self, c: Any) -> Any:
         """Run the conditioner on raw conditioning ``c``: its ``encode`` when it has one (a posterior gives its
@@ -386,16 +438,46 @@ class LatentDiffusion(nn.Module):
 
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Cond, return_ids: bool = False) -> Any:
         """The UNet's prediction for ``x_noisy`` at ``t``. ``cond`` is a dict ``{'c_concat': [...],
-        'c_crossattn': [...]}`` (hybrid), or a tensor / list of tensors put under the model's conditioning key."""
+        'c_crossattn': [...]}`` (hybrid), or a tensor / list of tensors put under the model's conditioning key.
+        Under ``split_input_params`` the UNet runs on ``ks`` patches (latent pixels): concat conditionings are cut
+        like the latent, cross-attention contexts go to every patch."""
         if not isinstance(cond, dict):
             if not isinstance(cond, list):
                 cond = [cond]
             key = "c_concat" if self.model.conditioning_key == "concat" else "c_crossattn"
             cond = {key: cond}
+        params = self._split()
+        if params is not None:
+            return self._apply_model_patchwise(x_noisy, t, cond, params)
         x_recon = self.model(x_noisy, t, **cond)
         if isinstance(x_recon, tuple) and not return_ids:
             return x_recon[0]
         return x_recon
+
+    def _apply_model_patchwise(
+        self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any], params: SplitInputParams
+    ) -> torch.Tensor:
+        if self.cond_stage_key == "coordinates_bbox" and self.model.conditioning_key is not None:
+            raise ValueError("patch-wise sampling of a bounding-box (layout) model is not supported")
+        h, w = x.shape[-2:]
+        concat = list(cond.get("c_concat") or [])
+        for c in concat:
+            if c.shape[-2:] != (h, w):
+                raise ValueError(f"patch-wise apply_model cuts concat conditionings like the latent; got "
+                                 f"{tuple(c.shape[-2:])} for a {h}x{w} latent")
+        rest = {k: v for k, v in cond.items() if k != "c_concat"}
+        ks, stride = clamp_patch(params.ks, params.stride, h, w)
+
+        def unet(parts: list[torch.Tensor], n: int) -> torch.Tensor:
+            kwargs = {k: repeat_batch(v, n) for k, v in rest.items()}
+            if concat:
+                kwargs["c_concat"] = parts[1:]
+            out = self.model(parts[0], repeat_batch(t, n), **kwargs)
+            if isinstance(out, tuple):
+                raise ValueError("patch-wise apply_model cannot blend a model with several outputs")
+            return out
+
+        return run_patchwise(unet, [x, *concat], ks, stride, Fraction(1), params, "unet")
 
     # --------------------------------------------------------------------------------------------------- losses
     def get_loss(self, pred: torch.Tensor, target: torch.Tensor, mean: bool = True) -> torch.Tensor:
