@@ -439,6 +439,13 @@ def test_resume_with_nothing_left_to_train_says_so(cli, images, tmp_path):
         _one_line_error(cli("train-ae", "--resume", run.run_dir, *extra), 2, "nothing to train", "at step 2",
                         "above 2")
     assert before == (run.checkpoint.stat().st_mtime_ns, (run.run_dir / "metrics.csv").read_text())
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(run.run_dir, broken)
+    data = (broken / "checkpoints" / "last.ckpt").read_bytes()
+    (broken / "checkpoints" / "last.ckpt").write_bytes(data[: len(data) // 2])
+    _one_line_error(cli("train-ae", "--resume", broken, "--max-steps", "4"), 1, "not a checkpoint (truncated or corrupt)")
 
 
 def test_config_errors_come_before_lightning_or_torch_is_imported(images, tmp_path):

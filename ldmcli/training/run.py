@@ -559,20 +559,17 @@ def run_training(req: TrainRequest, callback: Progress | None = None) -> RunResu
     heavy is loaded. Progress comes as :class:`TrainEvent` s through ``callback``."""
     if req.kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
-    kind = req.kind
     plan = _plan(req, callback)
-    cfg, run_dir, ckpt_path, fs_state = plan.cfg, plan.run_dir, plan.ckpt_path, plan.fs_state
-    null_condition, accelerator, devices = plan.null_condition, plan.accelerator, plan.devices
-    model_cfg, data_cfg, settings = cfg.model, cfg.data, cfg.settings
+    cfg, run_dir = plan.cfg, plan.run_dir
     lr_base = cfg.model.base_learning_rate
     if lr_base is None:
         raise UsageError("the config has no base_learning_rate")
 
     # ---- data (built before any folder is written: a missing or empty dataset fails here)
     dataset, val_dataset = _datasets(plan, callback)
-    warning = _cpu_precision_warning(accelerator, settings.precision)
+    warning = _cpu_precision_warning(plan.accelerator, cfg.settings.precision)
 
-    # ---- Lightning only from here on (_fit): a bad config or data folder fails in well under a second
+    # ---- Lightning only from here on (_fit): a bad config or data folder fails in about a second
     env_run_dir = os.environ.get(RUN_DIR_ENV)
     # processes the launcher started (LOCAL_RANK > 0) and other nodes' processes write no run files
     is_child = (bool(env_run_dir) and os.environ.get("LOCAL_RANK", "0") != "0") or \
