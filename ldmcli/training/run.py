@@ -523,12 +523,27 @@ def _datasets(plan: _Plan, callback: Progress | None) -> tuple[Any, Any]:
         if vreport is not None and vreport.skipped:
             _emit(callback, TrainEvent("warning", text=f"validation data: skipped {len(vreport.skipped)} unreadable "
                                                        f"image(s), e.g. {vreport.skipped[0][0]}"))
+        _same_classes(dataset, val)
     elif settings.val_fraction > 0:
         dataset, val = data_mod.hold_out(dataset, settings.val_fraction)
     _check_labels(model_cfg, dataset, settings.cond_drop)
     if val is not None:
         _check_labels(model_cfg, val, settings.cond_drop)
     return dataset, val
+
+
+def _same_classes(train_set: Any, val_set: Any) -> None:
+    """A validation folder's class sub-folders get the training folder's class ids, by name (a validation folder
+    with only some of the classes would otherwise number them from 0)."""
+    names, val_names = getattr(train_set, "class_names", None), getattr(val_set, "class_names", None)
+    if not names or not val_names or getattr(val_set, "labels", None) is None:
+        return
+    index = {n: k for k, n in enumerate(names)}
+    unknown = [n for n in val_names if n not in index]
+    if unknown:
+        raise data_mod.DataError(f"the validation data has class folders the training data lacks: "
+                                 f"{', '.join(unknown[:5])}")
+    val_set.labels = [index[val_names[k]] for k in val_set.labels]
 
 
 def _monitor(kind: str, net: Any) -> str:
