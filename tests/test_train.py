@@ -439,6 +439,13 @@ def test_resume_with_nothing_left_to_train_says_so(cli, images, tmp_path):
         _one_line_error(cli("train-ae", "--resume", run.run_dir, *extra), 2, "nothing to train", "at step 2",
                         "above 2")
     assert before == (run.checkpoint.stat().st_mtime_ns, (run.run_dir / "metrics.csv").read_text())
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(run.run_dir, broken)
+    data = (broken / "checkpoints" / "last.ckpt").read_bytes()
+    (broken / "checkpoints" / "last.ckpt").write_bytes(data[: len(data) // 2])
+    _one_line_error(cli("train-ae", "--resume", broken, "--max-steps", "4"), 1, "not a checkpoint (truncated or corrupt)")
 
 
 def test_config_errors_come_before_lightning_or_torch_is_imported(images, tmp_path):
@@ -509,10 +516,16 @@ def test_ldm_validation_logs_loss_simple_and_its_ema_twin(images, tmp_path):
 
     ae = train("autoencoder", TINY_KL, data_root=images, logdir=tmp_path / "logs", overrides={"max_steps": 1})
     val = tmp_path / "val"
-    for c in range(3):
+    for c in (1, 2):  # some of the classes: they keep the training folder's ids
         (val / str(c)).mkdir(parents=True)
         for p in sorted((images / str(c)).glob("*.png"))[:2]:
             (val / str(c) / p.name).write_bytes(p.read_bytes())
+    from ldmcli.training.data import ImageFolder
+    from ldmcli.training.run import _same_classes
+
+    val_set = ImageFolder(val, 16)
+    _same_classes(ImageFolder(images, 16), val_set)
+    assert val_set.labels == [1, 1, 2, 2]
     events: list = []
     run = train("ldm", TINY_LDM, data_root=images, val_data=val, first_stage=str(ae.run_dir),
                 logdir=tmp_path / "logs", callback=events.append,

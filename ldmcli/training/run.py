@@ -523,12 +523,27 @@ def _datasets(plan: _Plan, callback: Progress | None) -> tuple[Any, Any]:
         if vreport is not None and vreport.skipped:
             _emit(callback, TrainEvent("warning", text=f"validation data: skipped {len(vreport.skipped)} unreadable "
                                                        f"image(s), e.g. {vreport.skipped[0][0]}"))
+        _same_classes(dataset, val)
     elif settings.val_fraction > 0:
         dataset, val = data_mod.hold_out(dataset, settings.val_fraction)
     _check_labels(model_cfg, dataset, settings.cond_drop)
     if val is not None:
         _check_labels(model_cfg, val, settings.cond_drop)
     return dataset, val
+
+
+def _same_classes(train_set: Any, val_set: Any) -> None:
+    """A validation folder's class sub-folders get the training folder's class ids, by name (a validation folder
+    with only some of the classes would otherwise number them from 0)."""
+    names, val_names = getattr(train_set, "class_names", None), getattr(val_set, "class_names", None)
+    if not names or not val_names or getattr(val_set, "labels", None) is None:
+        return
+    index = {n: k for k, n in enumerate(names)}
+    unknown = [n for n in val_names if n not in index]
+    if unknown:
+        raise data_mod.DataError(f"the validation data has class folders the training data lacks: "
+                                 f"{', '.join(unknown[:5])}")
+    val_set.labels = [index[val_names[k]] for k in val_set.labels]
 
 
 def _monitor(kind: str, net: Any) -> str:
@@ -559,20 +574,17 @@ def run_training(req: TrainRequest, callback: Progress | None = None) -> RunResu
     heavy is loaded. Progress comes as :class:`TrainEvent` s through ``callback``."""
     if req.kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
-    kind = req.kind
     plan = _plan(req, callback)
-    cfg, run_dir, ckpt_path, fs_state = plan.cfg, plan.run_dir, plan.ckpt_path, plan.fs_state
-    null_condition, accelerator, devices = plan.null_condition, plan.accelerator, plan.devices
-    model_cfg, data_cfg, settings = cfg.model, cfg.data, cfg.settings
+    cfg, run_dir = plan.cfg, plan.run_dir
     lr_base = cfg.model.base_learning_rate
     if lr_base is None:
         raise UsageError("the config has no base_learning_rate")
 
     # ---- data (built before any folder is written: a missing or empty dataset fails here)
     dataset, val_dataset = _datasets(plan, callback)
-    warning = _cpu_precision_warning(accelerator, settings.precision)
+    warning = _cpu_precision_warning(plan.accelerator, cfg.settings.precision)
 
-    # ---- Lightning only from here on (_fit): a bad config or data folder fails in well under a second
+    # ---- Lightning only from here on (_fit): a bad config or data folder fails in about a second
     env_run_dir = os.environ.get(RUN_DIR_ENV)
     # processes the launcher started (LOCAL_RANK > 0) and other nodes' processes write no run files
     is_child = (bool(env_run_dir) and os.environ.get("LOCAL_RANK", "0") != "0") or \
