@@ -456,3 +456,34 @@ def test_quiet_silences_transformers(cli, monkeypatch, tmp_path):
     r = cli(*args, "-q")
     assert r.exit_code == 0, r
     assert r.stderr == "", r
+
+
+def test_inpaint_write_errors_name_the_file_and_a_full_disk_stops_the_batch(cli, monkeypatch, tmp_path):
+    import ldmcli.pipelines.inpaint as pipeline
+
+    install_tiny("inpaint", monkeypatch)
+    indir, out = tmp_path / "in", tmp_path / "out"
+    indir.mkdir()
+    rgb = np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    for name in ("a", "b"):
+        Image.fromarray(rgb).save(indir / f"{name}.png")
+        Image.fromarray(np.where(_box(), 255, 0).astype(np.uint8)).save(indir / f"{name}_mask.png")
+    attempts = []
+
+    def failing(code, text):
+        def write(path, data, **kwargs):
+            attempts.append(Path(path).name)
+            raise OSError(code, text)
+        return write
+
+    args = ["inpaint", "--indir", indir, "--outdir", out, "--model", TINY_INPAINT, "--steps", "1", "--json"]
+    monkeypatch.setattr(pipeline, "atomic_write_bytes", failing(errno.EACCES, "Permission denied"))
+    r = cli(*args)
+    assert r.exit_code == 1 and attempts == ["a.png", "b.png"], r  # one file refused: the others go on
+    failed = [f["error"] for f in json.loads(r.stdout)["failed"]]
+    assert failed == [f"permission denied writing {out / 'a.png'}", f"permission denied writing {out / 'b.png'}"]
+    attempts.clear()
+    monkeypatch.setattr(pipeline, "atomic_write_bytes", failing(errno.ENOSPC, "No space left on device"))
+    r = cli(*args)
+    assert attempts == ["a.png"], r  # a full disk stops the batch
+    assert one_line(r, 1) == f"ldm: error: no space left on device writing {out / 'a.png'}"
