@@ -3,7 +3,8 @@
 The pipeline is upstream's ``scripts/inpaint.py``, op for op (so the same weights, image, mask and ``x_T`` give the
 same result to float32 rounding):
 
-1. image ``/ 255`` (float32); mask (greyscale, full precision: 8-bit ``/ 255``, 16-bit ``/ 65535``) binarised at 0.5 (white = region to fill);
+1. image ``/ 255`` (float32); mask (greyscale at full precision: 8-bit ``/ 255``, 16-bit ``/ 65535``) binarised
+   at 0.5 (white = region to fill);
    ``masked_image = (1 - mask) * image``; all three mapped to [-1, 1] (``* 2 - 1``; the mask channel is thus ±1);
 2. ``c = first_stage.encode(masked_image)`` (VQ: before quantisation) concatenated with the mask resized to the
    latent size (nearest); DDIM (eta 0 by default) over latents of shape ``[c.channels - 1, h, w]``;
@@ -112,6 +113,12 @@ def check_pair(pair: InpaintPair, config: Any = None, name: str = "the model") -
 GROUPS = 32  # every normalisation layer of the first stage and the UNet is GroupNorm(32, channels)
 
 
+def _level_mults(mults: Any) -> list[int]:
+    """The fewest channels (as multipliers) normalised at each resolution level: level i's own and, in the first
+    block after the downsampling, level i - 1's."""
+    return [min(mults[max(i - 1, 0)], m) for i, m in enumerate(mults)]
+
+
 def _too_small(config: Any, height: int, width: int) -> str | None:
     """Why a ``height`` x ``width`` image cannot go through ``config``'s inpainting model (None if it can): after
     padding to the model's factor, some normalisation group would hold a single value (GroupNorm cannot normalise
@@ -121,14 +128,9 @@ def _too_small(config: Any, height: int, width: int) -> str | None:
     f = 2 ** (len(dd.ch_mult) - 1)
     factor = f * 2 ** (len(ldm.unet.channel_mult) - 1)
     ph, pw = -(-height // factor) * factor, -(-width // factor) * factor
-    # at resolution level i a network normalises features of level i's channels and, in the first block after the
-    # downsampling, of level i - 1's: the fewer channels count
-    def levels(mults: Any) -> list[int]:
-        return [min(mults[max(i - 1, 0)], m) for i, m in enumerate(mults)]
-
-    stages = [("first stage", dd.ch * m, ph >> i, pw >> i) for i, m in enumerate(levels(dd.ch_mult))]
+    stages = [("first stage", dd.ch * m, ph >> i, pw >> i) for i, m in enumerate(_level_mults(dd.ch_mult))]
     stages += [("UNet", ldm.unet.model_channels * m, (ph // f) >> i, (pw // f) >> i)
-               for i, m in enumerate(levels(ldm.unet.channel_mult))]
+               for i, m in enumerate(_level_mults(ldm.unet.channel_mult))]
     for where, channels, h, w in stages:
         if max(channels // GROUPS, 1) * h * w <= 1:
             return f"its {where} would work on {w}x{h} pixels with one value per normalisation group"

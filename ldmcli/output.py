@@ -16,8 +16,8 @@ Every PNG carries its settings as JSON in the ``ldmcli`` text chunk (:func:`read
 reproduced from itself.
 
 Output problems surface before any work: :func:`check_output_folder` writes and removes a probe file in the folder
-(or where it will be created; the pipelines call it before loading or downloading a model). Every OS error while writing is an
-:class:`OutputError` naming the path (``no space left on device writing out/samples/00003.png``).
+(or where it will be created; the pipelines call it before loading or downloading a model). Every OS error while
+writing is an :class:`OutputError` naming the path (``no space left on device writing out/samples/00003.png``).
 """
 
 from __future__ import annotations

@@ -487,3 +487,30 @@ def test_inpaint_write_errors_name_the_file_and_a_full_disk_stops_the_batch(cli,
     r = cli(*args)
     assert attempts == ["a.png"], r  # a full disk stops the batch
     assert one_line(r, 1) == f"ldm: error: no space left on device writing {out / 'a.png'}"
+
+
+def test_inpaint_image_too_big_for_memory_is_refused_before_loading(cli, monkeypatch, tmp_path):
+    from ldmcli.pipelines import generation as gen
+
+    install_tiny("inpaint", monkeypatch)
+    monkeypatch.setattr(gen, "memory_limit", lambda device: (50 * 2**20, "this machine has"))
+    indir = tmp_path / "in"
+    indir.mkdir()
+    for name, (h, w) in {"big": (1024, 1024), "small": (H, W)}.items():
+        Image.new("RGB", (w, h), (10, 20, 30)).save(indir / f"{name}.png")
+        Image.new("L", (w, h), 255).save(indir / f"{name}_mask.png")
+    r = cli("inpaint", "--indir", indir, "--outdir", tmp_path / "out", "--model", TINY_INPAINT, "--steps", "1",
+            "--precision", "fp32", "--json")
+    assert r.exit_code == 1, r
+    report = json.loads(r.stdout)
+    assert [Path(w["path"]).name for w in report["written"]] == ["small.png"]
+    (failed,) = report["failed"]
+    assert failed["error"].startswith(f"{indir / 'big.png'}: 1024x1024 images need at least 256.0 MiB for the "
+                                      "decoder (1 x 64 channels x 1024 x 1024 x 4 bytes) but this machine has 50.0 MiB: use a smaller size")
+    assert "--tile-decode" not in failed["error"]  # inpaint cannot decode in tiles
+
+    import ldmcli.loading
+
+    monkeypatch.setattr(ldmcli.loading, "load", lambda *a, **k: pytest.fail("loaded"))
+    r = cli("inpaint", indir / "big.png", indir / "big_mask.png", "-o", tmp_path / "one.png", "--model", TINY_INPAINT)
+    assert "big.png: 1024x1024 images need at least" in one_line(r, 2)

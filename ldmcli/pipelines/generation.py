@@ -450,11 +450,16 @@ def estimate_memory(cfg: Any, height: int, width: int, batch: int, *, guidance: 
     return needs
 
 
+def _gib(n: int) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
+
+
 def check_memory(cfg: Any, height: int, width: int, batch: int, *, guidance: bool, dtype: torch.dtype,
-                 device: torch.device | str, tile_decode: bool = False,
+                 device: torch.device | str, tile_decode: bool = False, tiling: bool = True,
                  limit: tuple[int, str] | None = None) -> None:
     """A request error (before any model is loaded) when the largest part of :func:`estimate_memory` exceeds
-    :func:`memory_limit`, with the estimate and the limit; it suggests decoding in tiles where that would fit."""
+    :func:`memory_limit`, with the estimate and the limit; it suggests decoding in tiles where that would fit (and
+    the caller can: ``tiling``)."""
     from ldmcli.fastpath import DEFAULT_TILE
 
     limit = limit if limit is not None else memory_limit(device)
@@ -467,14 +472,14 @@ def check_memory(cfg: Any, height: int, width: int, batch: int, *, guidance: boo
     worst = max(needs, key=lambda n: n.bytes)
     if worst.bytes <= available:
         return
-    hint = "use a smaller size or fewer images per batch"
-    if worst.part == "decoder" and not tile_decode:
+    hint = "use a smaller size" + (" or fewer images per batch" if batch > 1 else "")
+    if worst.part == "decoder" and tiling and not tile_decode:
         tiled = estimate_memory(cfg, height, width, batch, guidance=guidance, itemsize=itemsize,
                                 decode_tile=DEFAULT_TILE)
         if max(n.bytes for n in tiled) <= available:
             hint = f"decode in tiles with --tile-decode ({DEFAULT_TILE * cfg.downsampling_factor} pixels square)"
-    raise RequestError("size", f"{width}x{height} images need at least {worst.bytes / GIB:.1f} GiB for the "
-                       f"{worst.part} ({worst.how}) but {whose} {available / GIB:.1f} GiB: {hint}")
+    raise RequestError("size", f"{width}x{height} images need at least {_gib(worst.bytes)} for the {worst.part} "
+                       f"({worst.how}) but {whose} {_gib(available)}: {hint}")
 
 
 def class_range(cfg: Any) -> tuple[int, int | None]:

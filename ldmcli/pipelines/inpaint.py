@@ -136,6 +136,33 @@ def check(request: InpaintRequest) -> tuple[Any, list[InpaintPair], list[PairPro
     return source, pairs, problems
 
 
+def fitting_pairs(config: Any, pairs: list[InpaintPair], problems: list[PairProblem], *, dtype: torch.dtype,
+                  device: Any, single: bool = False, overwrite: bool = False) -> list[InpaintPair]:
+    """The pairs whose image (padded to the model's factor) fits in memory (:func:`generation.check_memory`); the
+    others are added to ``problems`` (or, for a ``single`` pair, raised). Pairs that will be skipped are kept."""
+    from PIL import Image
+
+    f = config.downsampling_factor
+    factor = f * 2 ** (len(config.ldm.unet.channel_mult) - 1)
+    fitting = []
+    for pair in pairs:
+        if pair.output.exists() and not overwrite:
+            fitting.append(pair)
+            continue
+        with Image.open(pair.image) as im:
+            width, height = im.size
+        try:
+            gen.check_memory(config, -(-height // factor) * factor, -(-width // factor) * factor, 1, guidance=False,
+                             dtype=dtype, device=device, tiling=False)
+        except RequestError as e:
+            if single:
+                raise RequestError(e.field, f"{pair.image}: {e.detail}") from None
+            problems.append(PairProblem(pair.image, f"{pair.image}: {e.detail}"))
+            continue
+        fitting.append(pair)
+    return fitting
+
+
 def inpaint_pairs(
     model: Any,
     pairs: list[InpaintPair],
@@ -197,6 +224,9 @@ def run(request: InpaintRequest, on_event: EventHandler = ignore) -> InpaintRepo
     source, pairs, problems = check(request)
     dev = pick_device(request.device)
     dtype = resolve_precision(request.precision, dev)
+    if source.config is not None:
+        pairs = fitting_pairs(source.config, pairs, problems, dtype=dtype, device=dev, single=request.image is not None,
+                              overwrite=request.overwrite)
     seed = secrets.randbelow(2**31) if request.seed is None else request.seed
     report = InpaintReport(seed=seed, pairs=len(pairs) + len(problems))
     for problem in problems:

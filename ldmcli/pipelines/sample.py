@@ -68,7 +68,8 @@ def default_outdir(name: str) -> Path:
 
 
 def check(request: SampleRequest) -> Any:
-    """Every check that needs no weights (the output folder can be written, too); returns the resolved :class:`ldmcli.loading.ModelSource`."""
+    """Every check that needs no weights (the output folder can be written, too); returns the resolved
+    :class:`ldmcli.loading.ModelSource`."""
     from ldmcli.loading import resolve
 
     gen.check_counts((("n_samples", request.n_samples), ("batch_size", request.batch_size)), request.n_rows,

@@ -70,8 +70,8 @@ def check(request: Txt2ImgRequest) -> Any:
 
 
 def run(request: Txt2ImgRequest, on_event: EventHandler = ignore) -> gen.GenerationResult:
-    """Check (then, before loading: the memory the size needs), load, then sample, decode and write every image (``OUTDIR/samples/NNNNN.png`` and a grid); under
-    ``torchrun`` the batches are dealt to the ranks."""
+    """Check (then, before loading: the memory the size needs), load, then sample, decode and write every image
+    (``OUTDIR/samples/NNNNN.png`` and a grid); under ``torchrun`` the batches are dealt to the ranks."""
     from ldmcli.devices import pick_device, resolve_precision
     from ldmcli.fastpath import DEFAULT_TILE
 
