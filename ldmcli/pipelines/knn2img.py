@@ -155,7 +155,7 @@ def run(request: Knn2ImgRequest, on_event: EventHandler = ignore) -> gen.Generat
     if source.config is not None:
         gen.check_memory(source.config, request.height, request.width, min(request.n_samples, len(checked.items)),
                          guidance=request.settings.scale != 1.0, dtype=dtype, device=dev,
-                         tile_decode=request.tile_decode)
+                         tile_decode=request.tile_decode, tiling=False)  # ldm knn2img has no --tile-decode
     seen: set[str] = set()
 
     def phase(name: str, done: int, total: int) -> None:
