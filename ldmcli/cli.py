@@ -36,8 +36,31 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def _hide_flag_types(command) -> None:
+    """Show no ``<bool>`` beside flags in ``--help``: a flag takes no value (``--offline``, not ``--offline true``).
+    typer prints a parameter's metavar instead of its type when one is set; an empty one prints nothing."""
+    for param in getattr(command, "params", ()):
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    make_help_option = command.get_help_option
+
+    def get_help_option(ctx, make=make_help_option):
+        option = make(ctx)
+        if option is not None and option.metavar is None:
+            option.metavar = ""
+        return option
+
+    command.get_help_option = get_help_option
+    for sub in getattr(command, "commands", {}).values():
+        _hide_flag_types(sub)
+
+
 class LdmGroup(TyperGroup):
     """Turns exceptions into one-line errors, for the real executable and for tests driving it with a runner."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        _hide_flag_types(self)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         debug = _debug_requested(args)

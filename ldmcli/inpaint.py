@@ -3,7 +3,8 @@
 The pipeline is upstream's ``scripts/inpaint.py``, op for op (so the same weights, image, mask and ``x_T`` give the
 same result to float32 rounding):
 
-1. image ``/ 255`` (float32); mask (greyscale) ``/ 255`` binarised at 0.5 (white = region to fill);
+1. image ``/ 255`` (float32); mask (greyscale at full precision: 8-bit ``/ 255``, 16-bit ``/ 65535``) binarised
+   at 0.5 (white = region to fill);
    ``masked_image = (1 - mask) * image``; all three mapped to [-1, 1] (``* 2 - 1``; the mask channel is thus ±1);
 2. ``c = first_stage.encode(masked_image)`` (VQ: before quantisation) concatenated with the mask resized to the
    latent size (nearest); DDIM (eta 0 by default) over latents of shape ``[c.channels - 1, h, w]``;
@@ -26,9 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from PIL import Image
 
 from ldmcli.errors import UsageError
+from ldmcli.images import read_mask, read_rgb
 from ldmcli.sampling import SamplerSettings
 
 MASK_SUFFIX = "_mask"
@@ -55,30 +56,40 @@ class PairProblem:
     message: str
 
 
-def read_image(path: str | os.PathLike, mode: str) -> np.ndarray:
-    """An image file as a uint8 array in PIL ``mode`` (``RGB``: ``[h, w, 3]``, ``L``: ``[h, w]``), as upstream reads
-    it (``Image.open(path).convert(mode)``). Anything unreadable is a UsageError naming the file."""
-    path = Path(path)
+def _read(path: Path, reader: Callable[[Path], np.ndarray]) -> np.ndarray:
+    """``reader(path)`` with every failure as a one-line UsageError naming the file."""
+    from ldmcli.images import ImageReadError
+
     if not path.exists():
         raise UsageError(f"{path}: no such file")
     if path.is_dir():
         raise UsageError(f"{path}: is a folder, not an image")
     try:
-        with Image.open(path) as image:
-            image.load()
-            converted = image.convert(mode)
-    except Image.DecompressionBombError as e:
-        raise UsageError(f"{path}: image too large ({e})") from None
-    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as e:
-        reason = "not an image" if isinstance(e, Image.UnidentifiedImageError) else f"unreadable image ({e})"
-        raise UsageError(f"{path}: {reason}") from None
-    return np.asarray(converted, dtype=np.uint8).copy()
+        return reader(path)
+    except ImageReadError as e:
+        raise UsageError(str(e)) from None
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """An image file as ``[h, w, 3]`` uint8 RGB through :func:`ldmcli.images.read_rgb`: 8-bit files exactly as
+    upstream reads them (``convert("RGB")``), 16-bit and float ones scaled (never clipped), transparency composited
+    over white; a pixel format that cannot be converted faithfully is a UsageError naming the file."""
+    return _read(Path(path), read_rgb)
+
+
+def read_fill_mask(path: str | os.PathLike) -> np.ndarray:
+    """A mask file as ``[h, w]`` uint8, 255 where it is filled: upstream's binarisation (grey value >= 0.5) on
+    :func:`ldmcli.images.read_mask`'s full-precision grey (16-bit: ``v / 65535``; 8-bit: ``v / 255``, so 128 fills
+    and 127 keeps, as upstream; colour: luminance after transparency over white)."""
+    grey = _read(Path(path), read_mask)
+    return np.where(grey >= 0.5, 255, 0).astype(np.uint8)
 
 
 def load_pair(image_path: str | os.PathLike, mask_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """The image (``[h, w, 3]`` uint8) and its mask (``[h, w]`` uint8); a size mismatch is a UsageError."""
-    image = read_image(image_path, "RGB")
-    mask = read_image(mask_path, "L")
+    """The image (``[h, w, 3]`` uint8) and its binarised mask (``[h, w]`` uint8, 0 keep / 255 fill); a size
+    mismatch is a UsageError."""
+    image = read_image(image_path)
+    mask = read_fill_mask(mask_path)
     if image.shape[:2] != mask.shape:
         raise UsageError(
             f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {Path(image_path).name} is "
@@ -87,23 +98,54 @@ def load_pair(image_path: str | os.PathLike, mask_path: str | os.PathLike) -> tu
     return image, mask
 
 
-def check_pair(pair: InpaintPair) -> None:
-    """Cheap checks before any model is loaded: both files are images (headers only) of the same size."""
-    sizes = []
+def check_pair(pair: InpaintPair, config: Any = None, name: str = "the model") -> None:
+    """Checks before any model is loaded: both files are images whose pixels convert faithfully (they are decoded
+    here, so a 16-bit mask or an unsupported format fails now, not after loading), of the same size, and (given the
+    model's ``config``) large enough for the model (:func:`check_min_size`)."""
     for path in (pair.image, pair.mask):
-        if not path.is_file():
-            raise UsageError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
-        try:
-            with Image.open(path) as image:
-                sizes.append(image.size)
-        except Image.DecompressionBombError as e:
-            raise UsageError(f"{path}: image too large ({e})") from None
-        except (OSError, ValueError, SyntaxError) as e:
-            reason = "not an image" if isinstance(e, Image.UnidentifiedImageError) else f"unreadable image ({e})"
-            raise UsageError(f"{path}: {reason}") from None
-    if sizes[0] != sizes[1]:
-        raise UsageError(f"{pair.mask}: mask is {sizes[1][0]}x{sizes[1][1]} but its image {pair.image.name} is "
-                         f"{sizes[0][0]}x{sizes[0][1]}")
+        if path.exists() and not path.is_file():
+            raise UsageError(f"{path}: not a file")
+    image, _ = load_pair(pair.image, pair.mask)
+    if config is not None:
+        check_min_size(config, image.shape[0], image.shape[1], pair.image, name)
+
+
+GROUPS = 32  # every normalisation layer of the first stage and the UNet is GroupNorm(32, channels)
+
+
+def _level_mults(mults: Any) -> list[int]:
+    """The fewest channels (as multipliers) normalised at each resolution level: level i's own and, in the first
+    block after the downsampling, level i - 1's."""
+    return [min(mults[max(i - 1, 0)], m) for i, m in enumerate(mults)]
+
+
+def _too_small(config: Any, height: int, width: int) -> str | None:
+    """Why a ``height`` x ``width`` image cannot go through ``config``'s inpainting model (None if it can): after
+    padding to the model's factor, some normalisation group would hold a single value (GroupNorm cannot normalise
+    that), at the encoder's or the UNet's coarsest resolution."""
+    ldm = config.ldm
+    dd = ldm.first_stage.ddconfig
+    f = 2 ** (len(dd.ch_mult) - 1)
+    factor = f * 2 ** (len(ldm.unet.channel_mult) - 1)
+    ph, pw = -(-height // factor) * factor, -(-width // factor) * factor
+    stages = [("first stage", dd.ch * m, ph >> i, pw >> i) for i, m in enumerate(_level_mults(dd.ch_mult))]
+    stages += [("UNet", ldm.unet.model_channels * m, (ph // f) >> i, (pw // f) >> i)
+               for i, m in enumerate(_level_mults(ldm.unet.channel_mult))]
+    for where, channels, h, w in stages:
+        if max(channels // GROUPS, 1) * h * w <= 1:
+            return f"its {where} would work on {w}x{h} pixels with one value per normalisation group"
+    return None
+
+
+def check_min_size(config: Any, height: int, width: int, path: str | os.PathLike, name: str = "the model") -> None:
+    """A UsageError naming ``path`` if a ``height`` x ``width`` image is smaller than ``config``'s inpainting model
+    can take (computed from the config: the first stage's and the UNet's downsampling and channel counts)."""
+    why = _too_small(config, height, width)
+    if why is None:
+        return
+    side = next((s for s in range(1, 4096) if _too_small(config, 1, s) is None), None)
+    need = f"; it needs an image with at least one side of {side} pixels" if side is not None else ""
+    raise UsageError(f"{path}: {width}x{height} is too small for {name} ({why}){need}")
 
 
 def _is_image_name(path: Path) -> bool:

@@ -14,6 +14,10 @@ folder around "check the name is free, then ``os.replace``".
 
 Every PNG carries its settings as JSON in the ``ldmcli`` text chunk (:func:`read_metadata`), so an image can be
 reproduced from itself.
+
+Output problems surface before any work: :func:`check_output_folder` writes and removes a probe file in the folder
+(or where it will be created; the pipelines call it before loading or downloading a model). Every OS error while
+writing is an :class:`OutputError` naming the path (``no space left on device writing out/samples/00003.png``).
 """
 
 from __future__ import annotations
@@ -33,11 +37,65 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from ldmcli.errors import LdmError, UsageError
+
 METADATA_KEY = "ldmcli"
 SAMPLE_PATTERN = "{:05d}.png"
 GRID_PATTERN = "grid-{:04d}.png"
 
 _NO_HARDLINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
+
+
+class OutputError(LdmError):
+    """A file or folder for the results that cannot be created or written (exit code 1); the message names it."""
+
+
+#: errors after which no later file can be written either (a batch stops instead of failing each item in turn)
+FATAL_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+def describe_os_error(error: OSError, path: str | os.PathLike, doing: str = "writing") -> str:
+    """One line for an OS error on ``path``: ``no space left on device writing PATH``, ``permission denied writing
+    PATH``, ``read-only file system writing PATH``."""
+    reason = error.strerror or str(error) or type(error).__name__
+    return f"{reason[:1].lower()}{reason[1:]} {doing} {os.fspath(path)}"
+
+
+def _nearest_existing(folder: Path) -> Path:
+    """``folder`` if it exists, else the nearest folder above it that does (where it would be created)."""
+    for part in [folder, *folder.parents]:
+        if part.exists():
+            return part
+    return Path.cwd()
+
+
+def check_output_folder(folder: str | os.PathLike) -> Path:
+    """Make sure results can be written into ``folder`` before any work, without leaving anything behind: write and
+    remove a hidden probe file in it, or, while it does not exist yet, in the nearest existing folder above it (where
+    it will be created). A path that is (or runs through) a file is a UsageError; a folder that cannot be written
+    (permissions, a read-only or full file system) an :class:`OutputError`; both name it."""
+    folder = Path(folder)
+    base = _nearest_existing(folder)
+    if not base.is_dir():
+        what = "exists and is not a folder" if base == folder else f"cannot be created: {base} is a file"
+        raise UsageError(f"{folder}: {what}")
+    probe = base / f".ldmcli-probe-{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, b"ldmcli")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        doing = "writing into" if base == folder else f"creating {folder} in"
+        raise OutputError(describe_os_error(e, base, doing)) from None
+    finally:
+        try:
+            os.unlink(probe)
+        except OSError:
+            pass
+    return folder
 
 
 @dataclass(frozen=True)
@@ -136,7 +194,19 @@ class NumberedWriter:
         self._next: int | None = None
 
     def write(self, data: bytes) -> Path:
-        """Store ``data`` under the next free name and return that path."""
+        """Store ``data`` under the next free name and return that path; an OS error is an :class:`OutputError`
+        naming the file (or the folder, when it failed before a name was chosen)."""
+        try:
+            return self._write(data)
+        except OSError as e:
+            try:
+                where: Path = self.folder / self.pattern.format(
+                    self._next if self._next is not None else next_free_number(self.folder, self.pattern))
+            except OSError:
+                where = self.folder
+            raise OutputError(describe_os_error(e, where)) from None
+
+    def _write(self, data: bytes) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.folder / f".{uuid.uuid4().hex}.tmp"
         try:

@@ -109,7 +109,7 @@ def test_read_errors_name_the_file(tmp_path):
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(good.read_bytes()[:60])
     small_mask = _png(tmp_path / "small_mask.png", mask[:-1])
-    for path, words in [(text, "not an image"), (truncated, "unreadable image"), (tmp_path / "gone.png", "no such")]:
+    for path, words in [(text, "not an image"), (truncated, "cannot read image .*truncated"), (tmp_path / "gone.png", "no such")]:
         with pytest.raises(UsageError, match=words) as err:
             ip.load_pair(good, path)
         assert str(path) in str(err.value)

@@ -137,6 +137,7 @@ BAD = [
     (["--from-file", "missing.txt"], "--from-file: cannot read"),
     (["x", "--plms", "--ddim_eta", "0.5"], "eta applies to DDIM only"),
     (["x", "--H", "36"], "multiples of"),
+    (["x", "--H", "65536", "--W", "65536"], "65536x65536 images need at least"),
     (["x", "--model", "tiny-cin"], "not a retrieval-augmented model"),
     (["x", "--model", "no-such-model"], "no-such-model"),
 ]

@@ -44,7 +44,8 @@ def knn2img_command(
     height: int = typer.Option(768, "--H", help="Image height in pixels (the latent is [16, H/16, W/16])."),
     width: int = typer.Option(768, "--W", help="Image width in pixels."),
     n_samples: opts.NSamplesOption = 3,
-    n_rows: int = typer.Option(0, "--n_rows", "--n-rows", help="Images per grid row (default: n_samples)."),
+    n_rows: int = typer.Option(0, "--n_rows", "--n-rows", help="Images per grid row (default: n_samples).",
+                                show_default=False),
     scale: float = typer.Option(5.0, "--scale", help="Classifier-free guidance scale against a zero context "
                                 "(upstream's unconditional input); 1 disables guidance."),
     seed: opts.PromptSeedOption = None,
@@ -84,7 +85,7 @@ def knn2img_command(
             database=database, model=model, config=config, ckpt=ckpt, outdir=outdir,
             settings=SamplerSettings(opts.pick_sampler(sampler, plms), ddim_steps, ddim_eta, scale),
             n_samples=n_samples, n_iter=n_iter, height=height, width=width, n_rows=n_rows, seed=seed,
-            skip_grid=skip_grid, clip=clip_path, device=device, precision=precision)
+            skip_grid=skip_grid, clip=clip_path, device=device, precision=precision, quiet=quiet)
         with Renderer(as_json=as_json, quiet=quiet, prefix=rank_prefix()) as renderer:
             run_generation(renderer, outdir, lambda: knn2img.run(request, renderer))
 

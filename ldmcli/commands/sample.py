@@ -19,9 +19,9 @@ FLAGS = {"n_samples": "--n_samples", "batch_size": "--batch_size", "n_rows": "--
 
 
 def sample_command(
-    model: Optional[str] = typer.Argument(None, metavar="MODEL", help="Zoo name (celeba256, ffhq256, "
-                                          "lsun_churches256, lsun_beds256, cin256, cin256-v2), or a run folder / "
-                                          "checkpoint as with -r.", show_default=False),
+    model: Optional[str] = typer.Argument(None, metavar="MODEL", help="Zoo name (digits: built in, no "
+                                          "download; celeba256, ffhq256, lsun_churches256, lsun_beds256, cin256, "
+                                          "cin256-v2), or a run folder / checkpoint as with -r.", show_default=False),
     resume: Optional[Path] = typer.Option(None, "--resume", "-r", help="A checkpoint, or a log dir holding "
                                           "config.yaml and model.ckpt (as upstream; also ldm train-ldm runs).",
                                           show_default=False),

@@ -137,15 +137,15 @@ class ClipEncoder(nn.Module):
 
 
 def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """An image file as a float tensor ``[3, H, W]`` in [-1, 1] (RGB); unreadable files raise a one-line error."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.float32)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise UsageError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    """An image file as a float tensor ``[3, H, W]`` in [-1, 1] (RGB), read by :func:`ldmcli.images.read_rgb` (16-bit
+    and float images scaled, transparency over white); unreadable files and pixel formats that cannot be converted
+    faithfully raise a one-line UsageError naming the file."""
     from einops import rearrange
 
+    from ldmcli.images import ImageReadError, read_rgb
+
+    try:
+        arr = read_rgb(path).astype("float32")
+    except ImageReadError as e:
+        raise UsageError(str(e)) from None
     return torch.from_numpy(rearrange(arr, "h w c -> c h w").copy()) / 127.5 - 1.0

@@ -356,6 +356,132 @@ def check_image_size(cfg: Any, height: int, width: int, name: str) -> tuple[int,
     return cfg.latent_channels, height // f, width // f
 
 
+# ---------------------------------------------------------------------------------------------------- memory
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """A lower bound on the memory one part of a run needs at its peak, and how it was counted."""
+
+    part: str  # "UNet", "decoder" or "decoded images"
+    bytes: int
+    how: str
+
+
+def _cgroup_memory_limit() -> int | None:
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:
+            return int(text)
+    return None
+
+
+def memory_limit(device: torch.device | str) -> tuple[int, str] | None:
+    """The memory a run on ``device`` can use at most, and whose it is: the GPU's total memory on CUDA; otherwise
+    the machine's physical memory (``SC_PHYS_PAGES``, else ``MemTotal`` in /proc/meminfo), or the cgroup's limit
+    where that is lower. None where it cannot be told."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.get_device_properties(device).total_memory), f"{device} has"
+        except (RuntimeError, AssertionError):
+            return None
+    total = None
+    try:
+        total = int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemTotal:"):
+                    total = int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+    cgroup = _cgroup_memory_limit()
+    if cgroup is not None and (total is None or cgroup < total):
+        return cgroup, "the memory limit (cgroup) is"
+    return (total, "this machine has") if total else None
+
+
+def estimate_memory(cfg: Any, height: int, width: int, batch: int, *, guidance: bool, itemsize: int,
+                    decode_tile: int | None = None) -> list[MemoryNeed]:
+    """Lower bounds on the peak memory of sampling ``batch`` images of ``height`` x ``width`` with ``cfg``, per part
+    (activations only; weights come on top):
+
+    * UNet: the skip connections it holds for its decoder half plus the widest concatenation at full latent size,
+      for ``batch`` (twice that with guidance) images;
+    * decoder: its two largest tensors alive together (a resolution level's input and output), for the whole
+      batch, or for one tile of ``decode_tile`` latent pixels when decoding in tiles;
+    * decoded images: the float32 images and their clamped copy.
+    """
+    f = cfg.downsampling_factor
+    h, w = height // f, width // f
+    unet = cfg.ldm.unet
+    mc, mults = unet.model_channels, list(unet.channel_mult)
+    skips = mc * mults[0] * h * w  # the input convolution
+    for i, m in enumerate(mults):
+        skips += unet.num_res_blocks * mc * m * (h >> i) * (w >> i)
+        if i < len(mults) - 1:
+            skips += mc * m * (h >> (i + 1)) * (w >> (i + 1))
+    concat = mc * (mults[0] + mults[min(1, len(mults) - 1)]) * h * w
+    unet_batch = batch * (2 if guidance else 1)
+    per_image = skips + concat
+    needs = [MemoryNeed("UNet", unet_batch * per_image * itemsize,
+                        f"{unet_batch} x {per_image:,} values x {itemsize} bytes")]
+
+    dd = cfg.first_stage.ddconfig
+    th, tw = (min(height, decode_tile * f), min(width, decode_tile * f)) if decode_tile else (height, width)
+    best = (0, 0, 0)
+    for i, m in enumerate(dd.ch_mult):
+        channels = dd.ch * (m + dd.ch_mult[min(i + 1, len(dd.ch_mult) - 1)])
+        values = channels * (th >> i) * (tw >> i)
+        if values > best[0]:
+            best = (values, channels, i)
+    values, channels, level = best
+    where = f"{tw >> level} x {th >> level}" + (" (one tile)" if decode_tile and (th, tw) != (height, width) else "")
+    needs.append(MemoryNeed("decoder", batch * values * itemsize,
+                            f"{batch} x {channels} channels x {where} x {itemsize} bytes"))
+    needs.append(MemoryNeed("decoded images", 2 * batch * 3 * height * width * 4,
+                            f"2 x {batch} x 3 x {width} x {height} x 4 bytes"))
+    return needs
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
+
+
+def check_memory(cfg: Any, height: int, width: int, batch: int, *, guidance: bool, dtype: torch.dtype,
+                 device: torch.device | str, tile_decode: bool = False, tiling: bool = True,
+                 limit: tuple[int, str] | None = None) -> None:
+    """A request error (before any model is loaded) when the largest part of :func:`estimate_memory` exceeds
+    :func:`memory_limit`, with the estimate and the limit; it suggests decoding in tiles where that would fit (and
+    the caller can: ``tiling``)."""
+    from ldmcli.fastpath import DEFAULT_TILE
+
+    limit = limit if limit is not None else memory_limit(device)
+    if limit is None:
+        return
+    available, whose = limit
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    tile = DEFAULT_TILE if tile_decode else None
+    needs = estimate_memory(cfg, height, width, batch, guidance=guidance, itemsize=itemsize, decode_tile=tile)
+    worst = max(needs, key=lambda n: n.bytes)
+    if worst.bytes <= available:
+        return
+    hint = "use a smaller size" + (" or fewer images per batch" if batch > 1 else "")
+    if worst.part == "decoder" and tiling and not tile_decode:
+        tiled = estimate_memory(cfg, height, width, batch, guidance=guidance, itemsize=itemsize,
+                                decode_tile=DEFAULT_TILE)
+        if max(n.bytes for n in tiled) <= available:
+            hint = f"decode in tiles with --tile-decode ({DEFAULT_TILE * cfg.downsampling_factor} pixels square)"
+    raise RequestError("size", f"{width}x{height} images need at least {_gib(worst.bytes)} for the {worst.part} "
+                       f"({worst.how}) but {whose} {_gib(available)}: {hint}")
+
+
 def class_range(cfg: Any) -> tuple[int, int | None]:
     """(number of real classes, null class id or None) of a class-conditional config: 1000 classes and no null class
     for upstream's cin256; otherwise the last id is the null class (cin256-v2: 1000; ``train-ldm --cond-drop``)."""

@@ -20,7 +20,7 @@ from ldmcli.errors import LdmError, RequestError, UsageError
 from ldmcli.fileio import atomic_write_bytes
 from ldmcli.inpaint import (InpaintPair, PairProblem, check_inpainting_config, check_inpainting_model, check_pair,
                             find_pairs, inpaint_array, load_pair)
-from ldmcli.output import encode_png
+from ldmcli.output import FATAL_WRITE_ERRNOS, OutputError, check_output_folder, describe_os_error, encode_png
 from ldmcli.pipelines import generation as gen
 from ldmcli.pipelines.events import (EventHandler, ItemDone, ItemFailed, ItemSkipped, ItemStarted, ItemStep, downloads,
                                      ignore, messages)
@@ -66,7 +66,7 @@ def check_settings(settings: SamplerSettings) -> None:
     gen.check_settings(settings)
 
 
-def _single_pair(request: InpaintRequest) -> InpaintPair:
+def _single_pair(request: InpaintRequest, config: Any = None, name: str = "the model") -> InpaintPair:
     image, mask, output = request.image, request.mask, request.output
     if mask is None:
         raise RequestError("mask", f"{image}: no mask given")
@@ -78,7 +78,7 @@ def _single_pair(request: InpaintRequest) -> InpaintPair:
     if output.exists() and output.is_dir():
         raise RequestError("output", f"{output}: is a folder, not an output file")
     pair = InpaintPair(image, mask, output)
-    check_pair(pair)
+    check_pair(pair, config, name)
     if output.exists() and output.resolve() in (image.resolve(), mask.resolve()):
         raise RequestError("output", f"{output}: the output would overwrite an input")
     if output.exists() and not request.overwrite:
@@ -86,9 +86,11 @@ def _single_pair(request: InpaintRequest) -> InpaintPair:
     return pair
 
 
-def plan(request: InpaintRequest) -> tuple[list[InpaintPair], list[PairProblem]]:
-    """The pairs to run and the problems found without any model (bad files are problems in a batch, errors for a
-    single pair)."""
+def plan(request: InpaintRequest, config: Any = None,
+         name: str = "the model") -> tuple[list[InpaintPair], list[PairProblem]]:
+    """The pairs to run and the problems found without any model (bad files, images too small for ``config``'s
+    model, are problems in a batch, errors for a single pair). Every pair still to do is decoded here once, so a
+    file that cannot be read faithfully fails before any model is loaded."""
     if request.image is not None and request.indir is not None:
         raise UsageError("give either one image with its mask or an input folder, not both")
     if request.image is None and request.indir is None:
@@ -96,7 +98,7 @@ def plan(request: InpaintRequest) -> tuple[list[InpaintPair], list[PairProblem]]
     if request.image is not None:
         if request.outdir is not None:
             raise RequestError("outdir", "outdir belongs to the folder form; one pair takes an output file")
-        return [_single_pair(request)], []
+        return [_single_pair(request, config, name)], []
     if request.outdir is None:
         raise RequestError("outdir", "outdir: an input folder needs an output folder (results keep the input names)")
     if request.output is not None:
@@ -108,7 +110,7 @@ def plan(request: InpaintRequest) -> tuple[list[InpaintPair], list[PairProblem]]
             todo.append(pair)  # skipped (and reported) when the run reaches it
             continue
         try:
-            check_pair(pair)
+            check_pair(pair, config, name)
         except LdmError as e:
             problems.append(PairProblem(pair.image, str(e)))
             continue
@@ -117,7 +119,8 @@ def plan(request: InpaintRequest) -> tuple[list[InpaintPair], list[PairProblem]]
 
 
 def check(request: InpaintRequest) -> tuple[Any, list[InpaintPair], list[PairProblem]]:
-    """Every check that needs no weights; returns the model source, the pairs and the problems found."""
+    """Every check that needs no weights (settings, model kind, every input pair, an output folder that can be
+    written); returns the model source, the pairs and the problems found."""
     from ldmcli.loading import resolve
 
     check_settings(request.settings)
@@ -127,8 +130,37 @@ def check(request: InpaintRequest) -> tuple[Any, list[InpaintPair], list[PairPro
     source = resolve(request.model, config=request.config, ckpt=request.ckpt)
     if source.config is not None:
         check_inpainting_config(source.config, source.name)
-    pairs, problems = plan(request)
+    pairs, problems = plan(request, source.config, source.name)
+    if pairs:
+        check_output_folder(request.outdir if request.outdir is not None else pairs[0].output.parent)
     return source, pairs, problems
+
+
+def fitting_pairs(config: Any, pairs: list[InpaintPair], problems: list[PairProblem], *, dtype: torch.dtype,
+                  device: Any, single: bool = False, overwrite: bool = False) -> list[InpaintPair]:
+    """The pairs whose image (padded to the model's factor) fits in memory (:func:`generation.check_memory`); the
+    others are added to ``problems`` (or, for a ``single`` pair, raised). Pairs that will be skipped are kept."""
+    from PIL import Image
+
+    f = config.downsampling_factor
+    factor = f * 2 ** (len(config.ldm.unet.channel_mult) - 1)
+    fitting = []
+    for pair in pairs:
+        if pair.output.exists() and not overwrite:
+            fitting.append(pair)
+            continue
+        with Image.open(pair.image) as im:
+            width, height = im.size
+        try:
+            gen.check_memory(config, -(-height // factor) * factor, -(-width // factor) * factor, 1, guidance=False,
+                             dtype=dtype, device=device, tiling=False)
+        except RequestError as e:
+            if single:
+                raise RequestError(e.field, f"{pair.image}: {e.detail}") from None
+            problems.append(PairProblem(pair.image, f"{pair.image}: {e.detail}"))
+            continue
+        fitting.append(pair)
+    return fitting
 
 
 def inpaint_pairs(
@@ -171,7 +203,9 @@ def inpaint_pairs(
         try:
             atomic_write_bytes(pair.output, encode_png(result, record))
         except OSError as e:
-            problem = PairProblem(pair.output, f"{pair.output}: cannot write ({e.strerror or e})")
+            if e.errno in FATAL_WRITE_ERRNOS:  # no later pair could be written either
+                raise OutputError(describe_os_error(e, pair.output)) from None
+            problem = PairProblem(pair.output, describe_os_error(e, pair.output))
             report.failed.append(problem)
             on_event(ItemFailed(index, total, pair.output, problem.message))
             continue
@@ -181,14 +215,18 @@ def inpaint_pairs(
 
 
 def run(request: InpaintRequest, on_event: EventHandler = ignore) -> InpaintReport:
-    """Check, then load the model (only when some output is still missing) and inpaint every pair. Problems found
-    before loading are reported as :class:`ItemFailed` events and in ``report.failed``."""
+    """Check, then load the model (only when some output
+    is still missing) and inpaint every pair. Problems found before loading are reported as :class:`ItemFailed`
+    events and in ``report.failed``."""
     from ldmcli.devices import pick_device, resolve_precision
     from ldmcli.loading import load
 
     source, pairs, problems = check(request)
     dev = pick_device(request.device)
     dtype = resolve_precision(request.precision, dev)
+    if source.config is not None:
+        pairs = fitting_pairs(source.config, pairs, problems, dtype=dtype, device=dev, single=request.image is not None,
+                              overwrite=request.overwrite)
     seed = secrets.randbelow(2**31) if request.seed is None else request.seed
     report = InpaintReport(seed=seed, pairs=len(pairs) + len(problems))
     for problem in problems:

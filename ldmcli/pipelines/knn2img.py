@@ -4,12 +4,14 @@ prompt (or, beyond upstream, of an image) and optionally on its nearest neighbou
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from ldmcli.errors import RequestError, UsageError
+from ldmcli.output import check_output_folder
 from ldmcli.pipelines import generation as gen
 from ldmcli.pipelines.events import EventHandler, Message, downloads, ignore
 from ldmcli.sampling import SamplerSettings
@@ -42,6 +44,26 @@ class Knn2ImgRequest(gen.RunOptions):
     height: int = 768
     width: int = 768
     clip: Path | None = None
+    quiet: bool = False  # silence libraries' own progress bars and notices (transformers' weight loading)
+
+
+@contextlib.contextmanager
+def quiet_transformers(quiet: bool = True) -> Iterator[None]:
+    """While ``quiet``: no transformers progress bar ("Loading weights") and only its errors, restored afterwards."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def check_rdm(cfg: Any, name: str, clip_dim: int | None = None) -> None:
@@ -105,6 +127,7 @@ def check(request: Knn2ImgRequest) -> _Checked:
         check_rdm(source.config, source.name)
         gen.check_image_size(source.config, request.height, request.width, source.name)
         gen.check_settings(request.settings, source.config.ldm.timesteps)
+    check_output_folder(request.outdir)
     db_name = db_folder = None
     if request.use_neighbors:
         if _known_missing(request.database):
@@ -115,8 +138,8 @@ def check(request: Knn2ImgRequest) -> _Checked:
 
 
 def run(request: Knn2ImgRequest, on_event: EventHandler = ignore) -> gen.GenerationResult:
-    """Check, load CLIP, the database and the RDM, then sample, decode and write every image. Under ``torchrun``
-    the batches are dealt to the ranks (each process loads its own searcher)."""
+    """Check (and the memory the size needs), load CLIP, the database and the RDM, then sample, decode and write
+    every image. Under ``torchrun`` the batches are dealt to the ranks (each process loads its own searcher)."""
     from ldmcli import store
     from ldmcli.devices import pick_device, resolve_precision
     from ldmcli.fastpath import DEFAULT_TILE
@@ -129,6 +152,10 @@ def run(request: Knn2ImgRequest, on_event: EventHandler = ignore) -> gen.Generat
     source, db_name, db_folder = checked.source, checked.db_name, checked.db_folder
     dev = pick_device(request.device)
     dtype = resolve_precision(request.precision, dev)
+    if source.config is not None:
+        gen.check_memory(source.config, request.height, request.width, min(request.n_samples, len(checked.items)),
+                         guidance=request.settings.scale != 1.0, dtype=dtype, device=dev,
+                         tile_decode=request.tile_decode, tiling=False)  # ldm knn2img has no --tile-decode
     seen: set[str] = set()
 
     def phase(name: str, done: int, total: int) -> None:
@@ -162,7 +189,8 @@ def run(request: Knn2ImgRequest, on_event: EventHandler = ignore) -> gen.Generat
         shape = gen.check_image_size(cfg, request.height, request.width, source.name)
         gen.check_settings(request.settings, net.num_timesteps)
         on_event(Message("loading CLIP"))
-        clip = ClipEncoder.from_pretrained(clip_dir, device=gen.model_device(net))
+        with quiet_transformers(request.quiet):
+            clip = ClipEncoder.from_pretrained(clip_dir, device=gen.model_device(net))
         knn = request.knn if request.use_neighbors else 0
         conditioner = RdmConditioner(clip, scale=request.settings.scale, retriever=retriever, knn=knn,
                                      images=checked.images)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ldmcli.errors import RequestError, UsageError
+from ldmcli.output import check_output_folder
 from ldmcli.pipelines import generation as gen
 from ldmcli.pipelines.events import EventHandler, ignore
 from ldmcli.sampling import SamplerSettings
@@ -67,7 +68,8 @@ def default_outdir(name: str) -> Path:
 
 
 def check(request: SampleRequest) -> Any:
-    """Every check that needs no weights; returns the resolved :class:`ldmcli.loading.ModelSource`."""
+    """Every check that needs no weights (the output folder can be written, too); returns the resolved
+    :class:`ldmcli.loading.ModelSource`."""
     from ldmcli.loading import resolve
 
     gen.check_counts((("n_samples", request.n_samples), ("batch_size", request.batch_size)), request.n_rows,
@@ -77,11 +79,12 @@ def check(request: SampleRequest) -> Any:
     if source.config is not None:
         check_sample_model(source.config, source.name, request.classes, request.settings.scale, request.null_class)
         gen.check_settings(request.settings, source.config.ldm.timesteps)
+    check_output_folder(request.outdir if request.outdir is not None else default_outdir(source.name))
     return source
 
 
 def run(request: SampleRequest, on_event: EventHandler = ignore) -> gen.GenerationResult:
-    """Check, load, then sample, decode and write every image."""
+    """Check (then, before loading: the memory the batch needs), load, then sample, decode and write every image."""
     from ldmcli.devices import pick_device, resolve_precision
     from ldmcli.fastpath import DEFAULT_TILE
 
@@ -91,6 +94,11 @@ def run(request: SampleRequest, on_event: EventHandler = ignore) -> gen.Generati
     outdir = request.outdir if request.outdir is not None else default_outdir(source.name)
     classes = list(request.classes)
     settings = request.settings
+    if source.config is not None and source.config.ldm is not None:
+        size = source.config.ldm.image_size * source.config.downsampling_factor
+        images = request.n_samples * max(len(classes), 1)
+        gen.check_memory(source.config, size, size, min(request.batch_size, images),
+                         guidance=settings.scale != 1.0, dtype=dtype, device=dev, tile_decode=request.tile_decode)
     with gen.distributed(dev) as env:
         loaded = gen.load_for_sampling(source, gen.rank_device(dev, env), dtype, on_event, compile=request.compile)
         cfg, net = loaded.config, loaded.model

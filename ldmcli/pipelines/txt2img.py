@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ldmcli.errors import RequestError, UsageError
+from ldmcli.output import check_output_folder
 from ldmcli.pipelines import generation as gen
 from ldmcli.pipelines.events import EventHandler, ignore
 from ldmcli.sampling import SamplerSettings
@@ -49,8 +50,8 @@ def check_text_model(cfg: Any, name: str) -> None:
 
 
 def check(request: Txt2ImgRequest) -> Any:
-    """Every check that needs no weights (bad values, unknown model, wrong kind of model, image size); returns the
-    resolved :class:`ldmcli.loading.ModelSource`."""
+    """Every check that needs no weights (bad values, unknown model, wrong kind of model, image size, an output
+    folder that can be written); returns the resolved :class:`ldmcli.loading.ModelSource`."""
     from ldmcli.loading import resolve
 
     gen.check_counts((("n_samples", request.n_samples), ("n_iter", request.n_iter)), request.n_rows, request.seed)
@@ -64,12 +65,13 @@ def check(request: Txt2ImgRequest) -> Any:
         check_text_model(source.config, source.name)
         gen.check_image_size(source.config, request.height, request.width, source.name)
         gen.check_settings(request.settings, source.config.ldm.timesteps)
+    check_output_folder(request.outdir)
     return source
 
 
 def run(request: Txt2ImgRequest, on_event: EventHandler = ignore) -> gen.GenerationResult:
-    """Check, load, then sample, decode and write every image (``OUTDIR/samples/NNNNN.png`` and a grid); under
-    ``torchrun`` the batches are dealt to the ranks."""
+    """Check (then, before loading: the memory the size needs), load, then sample, decode and write every image
+    (``OUTDIR/samples/NNNNN.png`` and a grid); under ``torchrun`` the batches are dealt to the ranks."""
     from ldmcli.devices import pick_device, resolve_precision
     from ldmcli.fastpath import DEFAULT_TILE
 
@@ -77,6 +79,10 @@ def run(request: Txt2ImgRequest, on_event: EventHandler = ignore) -> gen.Generat
     dev = pick_device(request.device)
     dtype = resolve_precision(request.precision, dev)
     items = list(request.prompts) if request.from_file else [request.prompts[0]] * request.n_samples
+    if source.config is not None:
+        gen.check_memory(source.config, request.height, request.width, min(request.n_samples, len(items)),
+                         guidance=request.settings.scale != 1.0, dtype=dtype, device=dev,
+                         tile_decode=request.tile_decode)
     with gen.distributed(dev) as env:
         loaded = gen.load_for_sampling(source, gen.rank_device(dev, env), dtype, on_event, compile=request.compile)
         cfg, net = loaded.config, loaded.model
