@@ -3,8 +3,8 @@ one setting or a sweep over guidance scales, step counts and samplers.
 
 Each setting gets its own folder ``OUTDIR/<sampler>-<steps>steps-scale<scale>/samples`` (resumable, see
 :mod:`ldmcli.eval.sampling`); the table of every setting's numbers is written as ``OUTDIR/eval.json`` and
-``OUTDIR/eval.csv``, and, when a setting varies, ``OUTDIR/eval.png`` plots FID and IS (and precision/recall when
-measured) against it. Files appear under their final names only when complete.
+``OUTDIR/eval.csv``, and ``OUTDIR/eval.png`` plots FID and IS (and precision/recall when measured) against the
+setting that varies. Files appear under their final names only when complete.
 """
 
 from __future__ import annotations
@@ -54,10 +54,9 @@ def _varying(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
-    """A PNG of each measured metric against the varying setting (None when nothing varies)."""
-    varying = _varying(rows)
-    if not varying:
-        return None
+    """A PNG of each measured metric against the varying setting (the scale when none varies, so the picture
+    always shows the table beside it); None when no metric was measured."""
+    varying = _varying(rows) or ["scale"]
     import matplotlib
 
     matplotlib.use("Agg")
