@@ -149,11 +149,37 @@ def open_reference(ref: str | Path) -> ImageSet | Path:
     return open_images(path, "reference")
 
 
+def _npz_statistics(images: ImageSet) -> dict[str, np.ndarray] | None:
+    """``mu``/``sigma`` stored beside ``arr_0`` (ADM's reference batches: statistics over the whole dataset, plus
+    10,000 images for precision/recall), or None."""
+    if images.npz is None:
+        return None
+    with np.load(images.npz, mmap_mode="r") as data:
+        if "mu" not in data.files or "sigma" not in data.files:
+            return None
+        mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
+    if mu.shape != (2048,) or sigma.shape != (2048, 2048):
+        raise UsageError(f"reference {images.npz}: mu/sigma must be 2048-d Inception pool statistics, got "
+                         f"{mu.shape} and {sigma.shape}")
+    return {"mu": mu, "sigma": sigma}
+
+
 def reference_features(ref: ImageSet | Path, inception: Inception, batch_size: int,
                        on_event: EventFn | None = None) -> FeatureSet:
-    """The reference's features and statistics: from a statistics file, from the cache, or computed (and cached)."""
+    """The reference's features and statistics: from a statistics file, from the cache, or computed (and cached).
+    An ``.npz`` holding both images and ``mu``/``sigma`` (ADM's reference batches) keeps its own statistics for FID,
+    as ADM's evaluator does, and its images' features serve KID and precision/recall."""
     if isinstance(ref, Path):
         return _read_stats_npz(ref)
+    stored = _npz_statistics(ref)
+    found = _reference_features(ref, inception, batch_size, on_event)
+    if stored is not None:
+        found.stats, found.count = stored, None
+    return found
+
+
+def _reference_features(ref: ImageSet, inception: Inception, batch_size: int,
+                        on_event: EventFn | None = None) -> FeatureSet:
     _emit(on_event, "stage", "hash", 0, len(ref), message=f"hashing the reference {ref.source}")
     digest = hashlib.sha256(f"ldm-eval-v{CACHE_VERSION}|{content_hash(ref)}|{inception.sha256}".encode())
     key = digest.hexdigest()[:32]
@@ -187,7 +213,7 @@ class SampleMetrics:
     """The numbers of ``ldm eval samples`` (None where a metric could not be computed; ``skipped`` says why)."""
 
     n_samples: int
-    n_reference: int | None
+    n_reference: int | None  # images behind the reference's features (None: statistics of unknown size)
     reference: str | None
     fid: float | None = None
     is_mean: float | None = None
@@ -247,7 +273,8 @@ def evaluate_samples(samples: str | Path, ref: str | Path | None = None, *, batc
     inception = Inception(device, on_event)
     real = reference_features(ref_set, inception, batch_size, on_event) if ref_set is not None else None
     gen = sample_features(gen_set, inception, batch_size)
-    metrics = SampleMetrics(gen.count, real.count if real is not None else None, str(ref) if ref is not None else None,
+    n_ref = None if real is None else (len(real.features) if real.features is not None else real.count)
+    metrics = SampleMetrics(gen.count, n_ref, str(ref) if ref is not None else None,
                             reference_key=real.key if real is not None else None,
                             inception_sha256=inception.sha256 or None, torch_fidelity=fidelity.library()["version"])
     compare(gen, real, metrics, kid_subsets)
