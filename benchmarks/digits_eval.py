@@ -37,6 +37,7 @@ def main() -> None:
     args = p.parse_args()
 
     import numpy as np
+    from PIL import Image
 
     from ldmcli import store
     from ldmcli.datasets import digits
@@ -53,7 +54,7 @@ def main() -> None:
     print(f"sampled {drawn} new images into {folder} in {time.perf_counter() - started:.1f} s "
           f"({args.sampler}, {args.steps} steps, scale {args.scale:g})")
     files = open_images(folder).first(args.n).files
-    images = np.stack([np.asarray(digits.Image.open(f).convert("RGB")) for f in files])
+    images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
     wanted = np.array([read_metadata(f)["class"] for f in files])
     got = digits.classify(digits.fit_classifier(), images)
     per_class = {int(c): float((got[wanted == c] == c).mean()) for c in np.unique(wanted)}

@@ -9,12 +9,12 @@ from typing import Any, List, Optional
 import typer
 
 from ldmcli.commands import _common as opts
-from ldmcli.errors import UsageError
 
 app = typer.Typer(help="Measure quality: FID, IS, KID, precision/recall (torch-fidelity's Inception), and "
                   "rFID, PSNR, SSIM, LPIPS of autoencoders.", no_args_is_help=True)
 
 BatchOption = typer.Option(50, "--batch-size", help="Images per Inception batch.")
+JsonOption = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
 RefOption = typer.Option(None, "--ref", help="Reference: a folder of real images, an .npz of images (arr_0, as "
                          "ADM's reference batches) or of statistics (mu, sigma).", show_default=False)
 
@@ -55,27 +55,13 @@ class Display:
 
 
 def _render(record: Any, as_json: bool, quiet: bool) -> None:
+    from ldmcli.eval.metrics import summary_lines
+
     if as_json:
         typer.echo(json.dumps(record, sort_keys=True))
-        return
-    if quiet:
-        return
-    rows = record if isinstance(record, list) else [record]
-    for row in rows:
-        shown = {k: v for k, v in row.items() if v is not None and k not in ("skipped",)}
-        typer.echo("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
-        for name, why in (row.get("skipped") or {}).items():
-            typer.echo(f"  ({name} not computed: {why})")
-
-
-def _list(text: str, cast: Any, what: str) -> list[Any]:
-    try:
-        values = [cast(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UsageError(f"{what} must be a comma-separated list, got {text!r}") from None
-    if not values:
-        raise UsageError(f"{what} is empty")
-    return values
+    elif not quiet:
+        for line in summary_lines(record):
+            typer.echo(line)
 
 
 @app.command("samples")
@@ -85,7 +71,7 @@ def samples_command(
     ref: Optional[Path] = RefOption,
     batch_size: int = BatchOption,
     device: opts.DeviceOption = None,
-    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout."),
+    as_json: bool = JsonOption,
     quiet: opts.QuietOption = False,
 ) -> None:
     """FID, Inception Score, KID and precision/recall (k=3) of DIR against --ref (IS only without one)."""
@@ -110,7 +96,7 @@ def ae_command(
     no_rfid: bool = typer.Option(False, "--no-rfid", help="Skip rFID (no Inception)."),
     no_lpips: bool = typer.Option(False, "--no-lpips", help="Skip LPIPS (no VGG weights)."),
     device: opts.DeviceOption = None,
-    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout."),
+    as_json: bool = JsonOption,
     quiet: opts.QuietOption = False,
 ) -> None:
     """rFID, PSNR, SSIM and LPIPS of MODEL's reconstructions of the images in --data."""
@@ -141,16 +127,17 @@ def model_command(
     batch_size: int = BatchOption,
     precision: str = typer.Option("fp32", "--precision", help="Sampling precision: fp32, bf16, fp16 or auto."),
     device: opts.DeviceOption = None,
-    as_json: bool = typer.Option(False, "--json", help="Print the table as a JSON list on stdout."),
+    as_json: bool = JsonOption,
     quiet: opts.QuietOption = False,
 ) -> None:
     """Sample N images of MODEL (resumable) and measure them against --ref; lists of settings sweep."""
     from ldmcli.devices import pick_device
     from ldmcli.eval import evaluate_model
+    from ldmcli.eval.sweep import parse_list
 
-    scales = _list(scale, float, "--scale")
-    step_counts = _list(steps, int, "--steps")
-    samplers = _list(sampler, str.strip, "--sampler")
+    scales = parse_list(scale, float, "--scale")
+    step_counts = parse_list(steps, int, "--steps")
+    samplers = parse_list(sampler, str.strip, "--sampler")
     out = outdir if outdir is not None else Path("outputs") / f"{Path(model).name or 'model'}-eval"
     with Display(quiet) as display:
         result = evaluate_model(model, n, out, ref=ref, scales=scales, steps=step_counts, samplers=samplers, eta=eta,

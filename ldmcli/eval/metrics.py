@@ -232,6 +232,16 @@ class SampleMetrics:
         return dict(self.__dict__)
 
 
+def summary_lines(record: dict[str, Any] | list[dict[str, Any]]) -> list[str]:
+    """A result (or a sweep's rows) as ``key=value`` lines for people, with the skipped metrics and why."""
+    lines = []
+    for row in record if isinstance(record, list) else [record]:
+        shown = {k: v for k, v in row.items() if v is not None and k != "skipped"}
+        lines.append("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+        lines.extend(f"  ({name} not computed: {why})" for name, why in (row.get("skipped") or {}).items())
+    return lines
+
+
 def compare(gen: FeatureSet, real: FeatureSet | None, metrics: SampleMetrics, kid_subsets: int = 100) -> None:
     """Fill ``metrics`` from two feature sets with torch-fidelity's functions (IS from ``gen``'s logits)."""
     if gen.logits is not None:

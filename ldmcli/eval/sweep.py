@@ -34,6 +34,17 @@ class SweepResult:
     files: list[Path] = field(default_factory=list)
 
 
+def parse_list(text: str, cast: Any, what: str) -> list[Any]:
+    """``"1,2,3"`` → ``[1.0, 2.0, 3.0]`` with ``cast``; a bad or empty list is a UsageError naming ``what``."""
+    try:
+        values = [cast(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"{what} must be a comma-separated list, got {text!r}") from None
+    if not values:
+        raise UsageError(f"{what} is empty")
+    return values
+
+
 def setting_folder(outdir: Path, sampler: str, steps: int, scale: float) -> Path:
     return Path(outdir) / f"{sampler}-{steps}steps-scale{scale:g}"
 
