@@ -314,8 +314,10 @@ def test_resumed_samples_of_other_settings_are_refused(tmp_path, monkeypatch):
     assert sample_images(net, name, 2, tmp_path, steps=2, seed=7, batch_size=2) == 0
     with pytest.raises(UsageError, match="other settings"):
         sample_images(net, name, 3, tmp_path, steps=3, seed=7)
+    from ldmcli.config import load_config
+    from ldmcli.eval.sampling import class_plan
+
     with pytest.raises(UsageError, match="eval ae"):
-        install_tiny("churches", monkeypatch)
-        from ldmcli.eval.sampling import class_plan
-        from ldmcli.config import load_config
-        class_plan(load_config("kl-f8"), 1.0)
+        class_plan(load_config("kl-f8"), 1.0)  # a first stage draws no samples
+    with pytest.raises(UsageError, match="unconditional"):
+        class_plan(load_config("celeba256"), 2.0)  # no guidance without conditioning
