@@ -284,6 +284,18 @@ _ENTRIES: tuple[ZooEntry, ...] = (
         contents=("vgg.pth", "vgg16-397923af.pth"),
         description="LPIPS linear-layer weights and torchvision's VGG16 ImageNet backbone (autoencoder training)",
     ),
+    ZooEntry(
+        # torch-fidelity's port of the TF Inception that FID/IS/KID/precision-recall are defined on (ldm eval);
+        # the file name carries its sha256 prefix, as torch hub names go
+        name="inception",
+        kind="asset",
+        dest="assets/inception",
+        files=(ZooFile("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                       "weights-inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth",
+                       sha256="6726825d", size=95_700_000),),
+        contents=("weights-inception-2015-12-05-6726825d.pth",),
+        description="Inception-v3 of the TF FID/IS reference (torch-fidelity's weights) for ldm eval",
+    ),
 )
 
 REGISTRY: dict[str, ZooEntry] = {e.name: e for e in _ENTRIES}

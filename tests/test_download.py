@@ -287,7 +287,7 @@ def test_cli_list_and_json(cli, mirror):
     r = cli("download", "--json")
     assert r.exit_code == 0, r
     rows = {row["name"]: row for row in json.loads(r.stdout)}
-    assert len(rows) == 30 and rows["kl-f8"]["downloaded"] is True and rows["kl-f4"]["downloaded"] is False
+    assert len(rows) == 31 and rows["kl-f8"]["downloaded"] is True and rows["kl-f4"]["downloaded"] is False
     assert rows["txt2img-f8-large"]["size"] == 5_700_000_000 and rows["txt2img-f8-large"]["kind"] == "ldm"
     r = cli("download", "--list", "first-stages")
     assert r.exit_code == 0, r

@@ -24,7 +24,7 @@ def test_every_upstream_entry_is_registered_with_groups():
     assert sorted(zoo.GROUPS["ldms"]) == sorted(LDMS)
     assert {"rdm768x768", "artbench-databases", "openimages-database", "artbench-searchers", "bert-base-uncased",
             "clip-vit-large-patch14", "lpips"} <= set(zoo.names())
-    assert list(zoo.GROUPS["all"]) == zoo.names() and len(zoo.names()) == 30  # 29 upstream + the built-in digits
+    assert list(zoo.GROUPS["all"]) == zoo.names() and len(zoo.names()) == 31  # 29 upstream, built-in digits, Inception
     assert [e.name for e in zoo.expand(["kl-f8", "first-stages", "KL_F8"])] == FIRST_STAGES[1:2] + \
         [n for n in FIRST_STAGES if n != "kl-f8"]
 
