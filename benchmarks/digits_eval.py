@@ -47,9 +47,9 @@ def main() -> None:
     from ldmcli.output import read_metadata
 
     folder = setting_folder(args.outdir, args.sampler, args.steps, args.scale)
-    net, name = load_for_eval("digits")
+    loaded = load_for_eval("digits")
     started = time.perf_counter()
-    drawn = sample_images(net, name, args.n, folder, scale=args.scale, steps=args.steps, sampler=args.sampler,
+    drawn = sample_images(loaded, args.n, folder, scale=args.scale, steps=args.steps, sampler=args.sampler,
                           seed=0, batch_size=args.batch_size)
     print(f"sampled {drawn} new images into {folder} in {time.perf_counter() - started:.1f} s "
           f"({args.sampler}, {args.steps} steps, scale {args.scale:g})")

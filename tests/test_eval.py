@@ -309,11 +309,11 @@ def test_resumed_samples_of_other_settings_are_refused(tmp_path, monkeypatch):
     from ldmcli.eval.sampling import load_for_eval, sample_images
 
     install_tiny("cin", monkeypatch)
-    net, name = load_for_eval("tiny-cin")
-    assert sample_images(net, name, 2, tmp_path, steps=2, seed=7, batch_size=2) == 2
-    assert sample_images(net, name, 2, tmp_path, steps=2, seed=7, batch_size=2) == 0
+    loaded = load_for_eval("tiny-cin")
+    assert sample_images(loaded, 2, tmp_path, steps=2, seed=7, batch_size=2) == 2
+    assert sample_images(loaded, 2, tmp_path, steps=2, seed=7, batch_size=2) == 0
     with pytest.raises(UsageError, match="other settings"):
-        sample_images(net, name, 3, tmp_path, steps=3, seed=7)
+        sample_images(loaded, 3, tmp_path, steps=3, seed=7)
     from ldmcli.config import load_config
     from ldmcli.eval.sampling import class_plan
 

@@ -82,7 +82,7 @@ class Inception:
     @property
     def sha256(self) -> str:
         if self._sha is None:
-            from ldmcli.generate import cached_sha256
+            from ldmcli.pipelines.generation import cached_sha256
 
             self._sha = cached_sha256(self.path) or ""
         return self._sha

@@ -66,11 +66,8 @@ def first_stage_of(model: Any) -> Any:
     return getattr(model, "first_stage_model", None) or model
 
 
-def model_resolution(model: Any) -> int:
-    """The pixel size the model works at: an LDM's latent size times f, else the first stage's ``resolution``."""
-    cfg = getattr(model, "ldm_config", None)
-    if cfg is None:
-        raise UsageError("the model carries no config (ldm_config): load it with ldmcli.loading.load_model")
+def model_resolution(cfg: Any) -> int:
+    """The pixel size a model config works at: an LDM's latent size times f, else the first stage's ``resolution``."""
     if getattr(cfg, "ldm", None) is not None:
         return int(cfg.ldm.image_size) * int(cfg.downsampling_factor)
     return int(cfg.first_stage.ddconfig.resolution)
@@ -145,8 +142,7 @@ def evaluate_autoencoder(model: str | Path, data: str | Path, *, batch_size: int
                          lpips: bool = True, on_event: EventFn | None = None) -> ReconstructionMetrics:
     """rFID, PSNR, SSIM and LPIPS of ``model`` (zoo name, ``train-ae``/``train-ldm`` run folder or checkpoint) on
     the images at ``data`` (a folder or an ``.npz``), at most ``limit`` of them."""
-    from ldmcli.generate import resolve_model
-    from ldmcli.loading import load_model
+    from ldmcli.loading import load, resolve
 
     if batch_size < 1:
         raise UsageError(f"batch size must be at least 1, got {batch_size}")
@@ -154,14 +150,14 @@ def evaluate_autoencoder(model: str | Path, data: str | Path, *, batch_size: int
         raise UsageError(f"the image limit must be at least 1, got {limit}")
     started = time.perf_counter()
     images = open_images(data, "data")
-    source = resolve_model(str(model))
+    source = resolve(str(model))
     if rfid:
         fidelity.library()  # a missing torch-fidelity is an error before any loading
     device = torch.device(device)
     _emit(on_event, "stage", "model", message=f"loading {source.name}")
-    net = load_model(source.target, ckpt=source.ckpt, device=device, progress=download_progress(on_event))
-    ae = first_stage_of(net)
-    size = model_resolution(net)
+    loaded = load(source, device=device, progress=download_progress(on_event))
+    ae = first_stage_of(loaded.model)
+    size = model_resolution(loaded.config)
     lpips_net = load_lpips(device, on_event) if lpips else None
     inception = Inception(device, on_event) if rfid else None
     total = min(len(images), limit or len(images))

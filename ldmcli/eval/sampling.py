@@ -38,7 +38,7 @@ def sample_settings(sampler: str, steps: int, scale: float, eta: float | None = 
 
 def class_plan(cfg: Any, scale: float) -> tuple[int | None, int | None]:
     """(number of classes to cycle through or None for an unconditional model, null class for guidance)."""
-    from ldmcli.generate import class_range
+    from ldmcli.pipelines.generation import class_range
 
     if cfg.ldm is None:
         raise UsageError("a first stage (autoencoder) draws no samples: use 'ldm eval ae'")
@@ -56,22 +56,23 @@ def class_plan(cfg: Any, scale: float) -> tuple[int | None, int | None]:
     return n_real, null
 
 
-def sample_images(model: Any, name: str, n: int, outdir: str | Path, *, scale: float = 1.0, steps: int = 50,
+def sample_images(loaded: Any, n: int, outdir: str | Path, *, scale: float = 1.0, steps: int = 50,
                   sampler: str = "ddim", eta: float | None = None, seed: int = 0, batch_size: int = 16,
                   on_event: Callable[[int, int], None] | None = None) -> int:
-    """Make ``outdir/samples`` hold ``n`` images of ``model`` (loaded with :func:`ldmcli.loading.load_model`),
-    drawing only the missing ones; returns how many were drawn now. ``on_event(done, total)`` after each image."""
-    from ldmcli import generate as gen
+    """Make ``outdir/samples`` hold ``n`` images of ``loaded`` (an :class:`ldmcli.loading.Loaded`), drawing only the
+    missing ones; returns how many were drawn now. ``on_event(done, total)`` after each image."""
+    from ldmcli.pipelines import generation as gen
+    from ldmcli.pipelines.events import FileWritten
 
     if n < 1 or batch_size < 1:
         raise UsageError(f"need n >= 1 and batch size >= 1, got {n} and {batch_size}")
     outdir = Path(outdir)
-    cfg = model.ldm_config
+    model, cfg = loaded.model, loaded.config
     settings = sample_settings(sampler, steps, scale, eta)
     settings.validate(model.num_timesteps)
     n_classes, null = class_plan(cfg, scale)
     dtype = next(model.model.parameters()).dtype
-    base = {"command": "eval", **gen.base_metadata(model, name, settings, dtype), "base_seed": seed}
+    base = {"command": "eval", **gen.base_metadata(loaded, settings, dtype), "base_seed": seed}
     have = existing_samples(outdir)
     if have:
         first = read_metadata(have[0])
@@ -91,30 +92,30 @@ def sample_images(model: Any, name: str, n: int, outdir: str | Path, *, scale: f
         extra = {"class": job.items[k], "null_class": null} if n_classes else {}
         return {**base, **extra, "seed": job.seeds[k], "index": start + job.item_indices[k]}
 
-    def progress(ev: Any) -> None:
-        if on_event is not None and ev.kind == "file":
-            on_event(start + ev.images_done, n)
+    def progress(event: Any) -> None:
+        if on_event is not None and isinstance(event, FileWritten):
+            on_event(start + event.images_done, n)
 
     result = gen.generate(model, jobs, conditioner=conditioner, shape=shape, settings=settings,
                           writer=gen.ImageWriter(outdir), metadata=metadata, grid_per_row=None,
-                          device=next(model.parameters()).device, callback=progress)
+                          device=gen.model_device(model), on_event=progress, seed=seed)
     return result.images
 
 
 def load_for_eval(target: str, device: torch.device | str = "cpu", precision: str = "fp32",
-                  progress: Any = None, message: Callable[[str], None] | None = None) -> tuple[Any, str]:
-    """Load a diffusion model (zoo name, run folder or checkpoint) for sampling; returns it and its name."""
+                  progress: Any = None, message: Callable[[str], None] | None = None) -> Any:
+    """Load a diffusion model (zoo name, run folder or checkpoint) for sampling; returns the
+    :class:`ldmcli.loading.Loaded` (its ``name`` for the records)."""
     from ldmcli.devices import resolve_precision
     from ldmcli.fastpath import prepare_for_inference
-    from ldmcli.generate import resolve_model
-    from ldmcli.loading import load_model
+    from ldmcli.loading import load, resolve
 
-    source = resolve_model(target)
+    source = resolve(target)
     if source.config is not None:
         class_plan(source.config, 1.0)  # a first stage or a text model fails here, before loading
     device = torch.device(device)
     dtype = resolve_precision(precision, device)
-    net = load_model(source.target, ckpt=source.ckpt, callback=message, progress=progress)
-    net = prepare_for_inference(net, dtype=dtype, device=device, callback=message)
-    class_plan(net.ldm_config, 1.0)
-    return net, source.name
+    loaded = load(source, callback=message, progress=progress)
+    prepare_for_inference(loaded.model, dtype=dtype, device=device, callback=message)
+    class_plan(loaded.config, 1.0)
+    return loaded

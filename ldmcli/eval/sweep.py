@@ -117,19 +117,19 @@ def evaluate_model(model: str, n: int, outdir: str | Path, *, ref: str | Path | 
         open_reference(ref)
     fidelity.library()
     outdir = Path(outdir)
-    net, name = load_for_eval(model, device, precision, progress=download_progress(on_event),
-                              message=lambda text: _emit(on_event, "message", "model", message=text))
+    loaded = load_for_eval(model, device, precision, progress=download_progress(on_event),
+                           message=lambda text: _emit(on_event, "message", "model", message=text))
     result = SweepResult()
     for sampler, step, scale in settings:
         folder = setting_folder(outdir, sampler, step, scale)
         label = f"{sampler}, {step} steps, scale {scale:g}"
         _emit(on_event, "stage", "sampling", 0, n, message=f"sampling {n} images ({label}) into {folder}")
-        sample_images(net, name, n, folder, scale=scale, steps=step, sampler=sampler, eta=eta, seed=seed,
+        sample_images(loaded, n, folder, scale=scale, steps=step, sampler=sampler, eta=eta, seed=seed,
                       batch_size=batch_size,
                       on_event=lambda done, total: _emit(on_event, "progress", "sampling", done, total))
         metrics = evaluate_samples(folder, ref, batch_size=eval_batch_size, device=device, limit=n,
                                    on_event=on_event)
-        row = {"model": name, "sampler": sampler, "steps": step, "scale": scale, "folder": str(folder),
+        row = {"model": loaded.name, "sampler": sampler, "steps": step, "scale": scale, "folder": str(folder),
                **metrics.record()}
         result.rows.append(row)
         _emit(on_event, "message", "result", message=json.dumps(row, sort_keys=True))
