@@ -1,30 +1,16 @@
 """Rendering of pipeline events (:mod:`ldmcli.pipelines.events`) for every command: a rich progress bar on a terminal
-(stderr), plain lines for logs, ``--json`` records on stdout; and the mapping of request errors to option names."""
+(stderr), plain lines for logs, ``--json`` records on stdout."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
-from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import typer
 
 from ldmcli.commands._common import is_interactive, stderr_console
-from ldmcli.errors import RequestError, UsageError
 from ldmcli.pipelines import events as ev
-
-
-@contextlib.contextmanager
-def options(flags: Mapping[str, str]) -> Iterator[None]:
-    """Show request errors with the option that sets the field (``n_samples`` -> ``--n_samples``)."""
-    try:
-        yield
-    except RequestError as e:
-        if e.field in flags:
-            raise UsageError(e.for_option(flags[e.field])) from None
-        raise
 
 
 class Renderer:
@@ -159,40 +145,3 @@ class Renderer:
         if e.index >= 0:
             self._advance(e.total)
         self.line(f"ldm: error: {e.message}", always=True)
-
-    # ------------------------------------------------------------------------------------------------- summary
-
-    def summary(self, outdir: Path, seconds: float | None = None, seed: int | None = None,
-                interrupted: bool = False) -> None:
-        """The closing line of a generation run (also after Ctrl-C, with what was kept)."""
-        self.stop()
-        if self.quiet and not interrupted:
-            return
-        seconds = time.perf_counter() - self.started if seconds is None else seconds
-        seed = self.seed if seed is None else seed
-        rate = f", {self.images / seconds:.2f} images/s" if seconds > 0 and self.images else ""
-        grids = f" and {self.grids} grid{'s' if self.grids != 1 else ''}" if self.grids else ""
-        what = "interrupted: kept" if interrupted else "wrote"
-        seed_text = f"; seed {seed}" if seed is not None else ""
-        self.console.print(f"ldm: {self.prefix}{what} {self.images} image{'s' if self.images != 1 else ''}{grids} "
-                           f"in {outdir} ({seconds:.1f} s{rate}{seed_text})", soft_wrap=True, markup=False)
-
-
-def rank_prefix() -> str:
-    """``[rank R] `` under torchrun with more than one process."""
-    from ldmcli.pipelines.generation import torchrun_env
-
-    env = torchrun_env()
-    return f"[rank {env.rank}] " if env.world_size > 1 else ""
-
-
-def run_generation(renderer: Renderer, outdir: Path, work: Any) -> Any:
-    """Run a generation pipeline with its renderer; on Ctrl-C say how many images were kept, then let the CLI exit
-    130."""
-    try:
-        result = work()
-    except KeyboardInterrupt:
-        renderer.summary(outdir, interrupted=True)
-        raise
-    renderer.summary(outdir, result.seconds, result.seed)
-    return result

@@ -10,7 +10,8 @@ from typing import Optional
 import typer
 
 from ldmcli.commands import _common as opts
-from ldmcli.commands._render import Renderer, options, rank_prefix, run_generation
+from ldmcli.commands._render import Renderer
+from ldmcli.commands._run import options, rank_prefix, run_generation
 from ldmcli.errors import UsageError
 
 DEFAULT_MODEL = "rdm768x768"
