@@ -34,7 +34,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 STEPS = (4, 5, 6, 7, 8, 9, 10, 12, 14, 16, 20)
-SAMPLER_NAMES = ("ddim", "dpmpp", "dpmpp3m", "unipc-bh1", "unipc-bh2")
+SAMPLER_NAMES = ("ddim", "dpmpp", "dpmpp3m", "unipc", "unipc-bh1")
 SPACING_NAMES = ("logsnr", "time", "karras", "trailing")
 
 
@@ -57,7 +57,7 @@ def variants():
     out["dpmpp/no-lof"] = (partial(sample_dpmpp_2m, lower_order_final=False), 0, False)
     out["dpmpp3m/no-lof"] = (partial(sample_dpmpp_3m, lower_order_final=False), 0, False)
     out["dpmpp3m/ref-d2"] = (partial(sample_dpmpp_3m, exact_quadratic=False), 0, False)
-    out["unipc-bh2/o2"] = (partial(sample_unipc, variant="bh2", order=2), 0, False)
+    out["unipc/o3"] = (partial(sample_unipc, variant="bh2", order=3), 0, False)
     out["unipc-bh1/no-lof"] = (partial(sample_unipc, variant="bh1", lower_order_final=False), 0, False)
     return out
 
@@ -152,6 +152,10 @@ def run(args) -> dict:
                   + (f" (pixels {target['pixels_rel']:.4f})" if decode else "")
                   + f"; fewest calls meeting it: {show}  [{time.perf_counter() - t0:.0f} s]", flush=True)
             print_rows(rows, args.steps)
+            if args.json:  # after every scale, so a run cut short keeps what it measured
+                from ldmcli.fileio import atomic_write_text
+
+                atomic_write_text(args.json, json.dumps(table, indent=1))
     return table
 
 

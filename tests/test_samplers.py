@@ -457,11 +457,7 @@ def nonlinear_eps(x: torch.Tensor, t: torch.Tensor, schedule: DiscreteSchedule =
     return gauss + 0.3 * torch.sin(2 * x) * torch.sqrt(1 - a) * a
 
 
-NEW_SAMPLERS = {
-    "dpmpp3m": sample_dpmpp_3m,
-    "unipc-bh1": lambda *a, **k: sample_unipc(*a, variant="bh1", **k),
-    "unipc-bh2": lambda *a, **k: sample_unipc(*a, variant="bh2", **k),
-}
+NEW_SAMPLERS = {name: SAMPLERS[name].sample_fn for name in ("dpmpp3m", "unipc", "unipc-bh1")}
 
 
 @pytest.mark.parametrize("name", list(NEW_SAMPLERS))
@@ -469,17 +465,19 @@ NEW_SAMPLERS = {
 def test_new_samplers_reach_the_closed_form_gaussian_ode_solution(name, spacing):
     """On Gaussian data the probability-flow ODE has a closed form (ode_solution); every grid starts at 999 and ends
     at timestep 0's level (logsnr) or the clean sample (karras, trailing). Measured relative errors at 20 steps
-    (8 steps): logsnr 0.0008-0.0012 (0.005-0.014), karras 0.004-0.013 (0.04-0.18), against 0.063 for DDIM with 50
-    steps; trailing 0.154-0.156 (0.27): its last step jumps from t = 50 to the clean sample at first order, and on
-    this data the ODE still bends there."""
+    (8 steps): logsnr 0.0011-0.0012 (0.005-0.019), against 0.063 for DDIM with 50 steps; karras 0.004-0.013
+    (0.005-0.18), whose last step, first order from t = 0 (sigma 0.039) to the clean sample, alone costs about 0.008;
+    trailing 0.154-0.156 (0.27): its last step jumps from t = 50 to the clean sample at first order, and on this data
+    the ODE still bends there."""
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(1))
     grid = SPACINGS[spacing](SCHEDULE, 20)
     out = NEW_SAMPLERS[name](gaussian_eps, x, SCHEDULE, grid)
     exact = ode_solution(x, 999, int(grid[-1]))
     error = ((out.double() - exact).norm() / exact.norm()).item()
     assert error < {"logsnr": 2e-3, "karras": 0.015, "trailing": 0.16}[spacing], error
-    coarse = NEW_SAMPLERS[name](gaussian_eps, x, SCHEDULE, SPACINGS[spacing](SCHEDULE, 8))
-    assert error < ((coarse.double() - exact).norm() / exact.norm()).item()  # converging
+    if spacing == "logsnr":  # converging (the other two have the floor of their final first-order step)
+        coarse = NEW_SAMPLERS[name](gaussian_eps, x, SCHEDULE, SPACINGS[spacing](SCHEDULE, 8))
+        assert error < 0.5 * ((coarse.double() - exact).norm() / exact.norm()).item()
 
 
 def test_first_order_steps_are_ddim():
@@ -694,3 +692,31 @@ def test_accuracy_harness_on_the_gaussian():
     best = fewest_calls(rows[1:], target)
     assert best is not None and best["calls"] == min(r["calls"] for r in rows[1:] if r["rel"] <= target)
     assert fewest_calls(rows, 0.0) is None
+
+
+@pytest.mark.slow  # ~10 s on a quiet machine, 27 s on a loaded one (training, two 1000-step references)
+def test_trained_text_conditional_toy_few_step_accuracy(capsys):
+    """Issue 16 on a tiny text-conditional model trained here (ldmcli.sampling.accuracy: an eps-MLP on 2-d mixtures
+    named by prompts, 15% of prompts dropped for classifier-free guidance). Without guidance 16 steps of UniPC-3
+    (bh1, logSNR-uniform) land closer to the 1000-step DDIM solution than 50 DDIM steps; at guidance scale 5 the
+    third-order methods break at 10 steps and UniPC-2 (bh2, the registry's ``unipc``) does not. Measured (400
+    training steps, 128 points): scale 1: UniPC-3 12 steps 0.026, 16 steps 0.0059, DDIM-50 0.019; scale 5, 10 steps:
+    UniPC-2 0.038, UniPC-3 0.15, DPM-Solver++(3M) 0.25. (The benchmark's toy, trained longer, meets DDIM-50 at 12.)"""
+    from ldmcli.sampling.accuracy import MIXTURES, toy_eps, train_toy_denoiser
+
+    net = train_toy_denoiser(SCHEDULE, text=True, steps=400)
+    prompts = [p for p in MIXTURES for _ in range(32)]
+    x_T = torch.randn(len(prompts), 2, generator=torch.Generator().manual_seed(8))
+    found = {}
+    for scale, runs in ((1.0, [("unipc-bh1", 16)]), (5.0, [("unipc", 10), ("unipc-bh1", 10), ("dpmpp3m", 10)])):
+        eps = toy_eps(net, prompts, scale)
+        refs = reference_solutions(eps, x_T, SCHEDULE)
+        found[(scale, "ddim", 50)] = measure(sample_ddim, SPACINGS["time"](SCHEDULE, 50), eps, x_T, SCHEDULE, refs,
+                                             name=("ddim", "time", 50)).rel
+        for name, steps in runs:
+            found[(scale, name, steps)] = measure(SAMPLERS[name].sample_fn, SPACINGS["logsnr"](SCHEDULE, steps), eps,
+                                                  x_T, SCHEDULE, refs, name=(name, "logsnr", steps)).rel
+    with capsys.disabled():
+        print("\n[issue 16, text toy] " + ", ".join(f"{k[1]}-{k[2]} @{k[0]:g}: {v:.4f}" for k, v in found.items()))
+    assert found[(1.0, "unipc-bh1", 16)] < found[(1.0, "ddim", 50)]
+    assert 2 * found[(5.0, "unipc", 10)] < min(found[(5.0, "unipc-bh1", 10)], found[(5.0, "dpmpp3m", 10)])
