@@ -56,7 +56,7 @@ def variants():
     out = {name: (SAMPLERS[name].sample_fn, SAMPLERS[name].extra_calls, True) for name in SAMPLER_NAMES}
     out["dpmpp/no-lof"] = (partial(sample_dpmpp_2m, lower_order_final=False), 0, False)
     out["dpmpp3m/no-lof"] = (partial(sample_dpmpp_3m, lower_order_final=False), 0, False)
-    out["dpmpp3m/ref-d2"] = (partial(sample_dpmpp_3m, exact_quadratic=False), 0, False)
+    out["dpmpp3m/exact"] = (partial(sample_dpmpp_3m, exact_quadratic=True), 0, False)
     out["unipc/o3"] = (partial(sample_unipc, variant="bh2", order=3), 0, False)
     out["unipc-bh1/no-lof"] = (partial(sample_unipc, variant="bh1", lower_order_final=False), 0, False)
     return out
@@ -168,14 +168,15 @@ def print_rows(rows, steps) -> None:
         print(f"    {sampler:17s} {spacing:8s} {cells}")
 
 
-def auto_table(table: dict) -> list[tuple[float, str, int, str, str]]:
-    """Per scale: the registered (sampler, spacing) whose steps meet DDIM-50 on every model measured at that scale,
-    with the fewest calls. Returns (scale, sampler, steps, spacing, note) rows."""
-    scales = sorted({float(s) for m in table["models"].values() for s in m})
+def auto_table(table: dict, models: list[str] | None = None) -> list[tuple[float, str, int, str, str]]:
+    """Per scale: the registered (sampler, spacing) whose steps meet DDIM-50 on every model in ``models`` (None: all
+    measured) at that scale, with the fewest calls. Returns (scale, sampler, steps, spacing, note) rows."""
+    chosen = {m: e for m, e in table["models"].items() if models is None or m in models}
+    scales = sorted({float(s) for m in chosen.values() for s in m})
     out = []
     for scale in scales:
         need: dict[tuple[str, str], tuple[int, int]] | None = None
-        for entry in table["models"].values():
+        for entry in chosen.values():
             if str(scale) not in entry:
                 continue
             per = entry[str(scale)]
@@ -208,6 +209,7 @@ def write_auto(rows, path: Path) -> None:
 
 def plot(table: dict, path: Path) -> None:
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -223,15 +225,15 @@ def plot(table: dict, path: Path) -> None:
             if r["registered"]:
                 lines.setdefault((r["sampler"], r["spacing"]), []).append(r)
         for sampler in dict.fromkeys(k[0] for k in lines):
-            # each sampler at its best spacing at 10 steps
+            # each sampler at its best spacing over the whole range (mean log error)
             options = [k for k in lines if k[0] == sampler]
-            key = min(options, key=lambda k: next((r["rel"] for r in lines[k] if r["steps"] == 10), 1e9))
+            key = min(options, key=lambda k: float(np.mean([np.log(max(r["rel"], 1e-12)) for r in lines[k]])))
             pts = sorted(lines[key], key=lambda r: r["calls"])
             ax.plot([p["calls"] for p in pts], [p["rel"] for p in pts], marker="o", ms=3, label=f"{key[0]} ({key[1]})")
         ax.axhline(per["ddim50"]["rel"], color="k", ls="--", lw=1, label="DDIM 50 steps")
         ax.set_yscale("log")
         ax.set_title(f"{model}, scale {scale}")
-        ax.set_xlabel("model calls")
+        ax.set_xlabel("steps (= model calls)")
         ax.set_ylabel("relative RMS error")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
@@ -256,6 +258,9 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None, help="write the table here")
     p.add_argument("--plot", type=Path, default=None, help="write the error-vs-calls plot here (PNG)")
     p.add_argument("--write-auto", action="store_true", help="rewrite ldmcli/sampling/auto.py from this run")
+    p.add_argument("--auto-models", default=None, help="models the auto choice must satisfy (default: all measured)")
+    p.add_argument("--from-json", type=Path, nargs="*", default=None,
+                   help="skip measuring: merge these --json outputs (their models and scales) and report/plot them")
     args = p.parse_args()
     args.models = args.models.split(",")
     args.scales = [float(s) for s in args.scales.split(",")]
@@ -267,9 +272,17 @@ def main() -> None:
     if args.quick:
         args.models = [m for m in args.models if m != "digits"] or ["text"]
         args.steps = [4, 6, 8, 10, 15, 20]
-    table = run(args)
+    if args.from_json:
+        table = {"models": {}}
+        for path in args.from_json:
+            part = json.loads(path.read_text())
+            table.update({k: v for k, v in part.items() if k != "models"})
+            for model, scales in part["models"].items():
+                table["models"].setdefault(model, {}).update(scales)
+    else:
+        table = run(args)
     print(f"CPU: {table['cpu']}, {table['threads']} torch threads")
-    auto = auto_table(table)
+    auto = auto_table(table, args.auto_models.split(",") if args.auto_models else None)
     for scale, sampler, steps, spacing, note in auto:
         print(f"auto at scale <= {scale}: {sampler} {steps} steps, {spacing} spacing ({note})")
     table["auto"] = auto

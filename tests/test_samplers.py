@@ -465,7 +465,7 @@ NEW_SAMPLERS = {name: SAMPLERS[name].sample_fn for name in ("dpmpp3m", "unipc", 
 def test_new_samplers_reach_the_closed_form_gaussian_ode_solution(name, spacing):
     """On Gaussian data the probability-flow ODE has a closed form (ode_solution); every grid starts at 999 and ends
     at timestep 0's level (logsnr) or the clean sample (karras, trailing). Measured relative errors at 20 steps
-    (8 steps): logsnr 0.0011-0.0012 (0.005-0.019), against 0.063 for DDIM with 50 steps; karras 0.004-0.013
+    (8 steps): logsnr 0.0011-0.0026 (0.010-0.019), against 0.063 for DDIM with 50 steps; karras 0.008-0.013
     (0.005-0.18), whose last step, first order from t = 0 (sigma 0.039) to the clean sample, alone costs about 0.008;
     trailing 0.154-0.156 (0.27): its last step jumps from t = 50 to the clean sample at first order, and on this data
     the ODE still bends there."""
@@ -474,7 +474,7 @@ def test_new_samplers_reach_the_closed_form_gaussian_ode_solution(name, spacing)
     out = NEW_SAMPLERS[name](gaussian_eps, x, SCHEDULE, grid)
     exact = ode_solution(x, 999, int(grid[-1]))
     error = ((out.double() - exact).norm() / exact.norm()).item()
-    assert error < {"logsnr": 2e-3, "karras": 0.015, "trailing": 0.16}[spacing], error
+    assert error < {"logsnr": 3e-3, "karras": 0.015, "trailing": 0.16}[spacing], error
     if spacing == "logsnr":  # converging (the other two have the floor of their final first-order step)
         coarse = NEW_SAMPLERS[name](gaussian_eps, x, SCHEDULE, SPACINGS[spacing](SCHEDULE, 8))
         assert error < 0.5 * ((coarse.double() - exact).norm() / exact.norm()).item()
@@ -505,7 +505,8 @@ def test_dpmpp_3m_step_is_the_exact_integral_of_the_quadratic_through_three_pred
     grid = [999, 700, 400, 150]
     x = torch.randn(2, 8, generator=torch.Generator().manual_seed(3)).double()
     seen = []
-    sample_dpmpp_3m(nonlinear_eps, x, SCHEDULE, grid, lower_order_final=False, callback=seen.append)
+    sample_dpmpp_3m(nonlinear_eps, x, SCHEDULE, grid, lower_order_final=False, exact_quadratic=True,
+                    callback=seen.append)
     lams = [_lambda(t) for t in grid]
     m = [s.pred_x0.numpy() for s in seen]  # data predictions at grid[0..2]
     x_s = seen[1].x.numpy()  # the state at grid[2]
@@ -518,10 +519,9 @@ def test_dpmpp_3m_step_is_the_exact_integral_of_the_quadratic_through_three_pred
     (_, s_s), (_, s_t) = SCHEDULE.alpha_sigma(grid[2]), SCHEDULE.alpha_sigma(grid[3])
     expected = s_t / s_s * x_s + s_t * integral
     np.testing.assert_allclose(seen[2].x.numpy(), expected, rtol=1e-10, atol=1e-12)
-    # the reference libraries' coefficient (half the D2 term) differs exactly there
+    # the reference libraries' coefficient (half the D2 term, the default) differs exactly there
     ref_form = []
-    sample_dpmpp_3m(nonlinear_eps, x, SCHEDULE, grid, lower_order_final=False, exact_quadratic=False,
-                    callback=ref_form.append)
+    sample_dpmpp_3m(nonlinear_eps, x, SCHEDULE, grid, lower_order_final=False, callback=ref_form.append)
     assert np.abs(ref_form[2].x.numpy() - expected).max() > 1e-4
 
 
@@ -589,8 +589,8 @@ def test_unipc_matches_an_independent_derivation(variant, order):
 
 
 def test_convergence_orders_on_a_nonlinear_ode():
-    """Halving the (logSNR-uniform) step on a fine schedule: DPM-Solver++(2M) converges at order 2, (3M) at 3 (the
-    reference libraries' form at 2), UniPC-3 (with its corrector) at more than 3. Measured slopes from 20 to 40
+    """Halving the (logSNR-uniform) step on a fine schedule: DPM-Solver++(2M) converges at order 2, (3M) with the
+    exact quadratic at 3 (the reference libraries' form, our default, at 2), UniPC-3 (with its corrector) at more than 3. Measured slopes from 20 to 40
     steps: 2.0, 2.8, 2.4, 3.6."""
     fine = DiscreteSchedule.from_betas(make_beta_schedule("linear", 100000, 0.0015 / 100, 0.0195 / 100))
     ac = fine.alphas_cumprod.double().numpy()
@@ -607,8 +607,8 @@ def test_convergence_orders_on_a_nonlinear_ode():
     reference = sample_unipc(eps, x, fine, grid(1000), lower_order_final=False)
     solvers = {
         "2m": lambda g: sample_dpmpp_2m(eps, x, fine, g, lower_order_final=False),
-        "3m": lambda g: sample_dpmpp_3m(eps, x, fine, g, lower_order_final=False),
-        "3m-ref": lambda g: sample_dpmpp_3m(eps, x, fine, g, lower_order_final=False, exact_quadratic=False),
+        "3m": lambda g: sample_dpmpp_3m(eps, x, fine, g, lower_order_final=False, exact_quadratic=True),
+        "3m-ref": lambda g: sample_dpmpp_3m(eps, x, fine, g, lower_order_final=False),
         "unipc": lambda g: sample_unipc(eps, x, fine, g, variant="bh1", lower_order_final=False),
     }
     slope = {}
