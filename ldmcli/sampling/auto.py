@@ -8,9 +8,11 @@ row of the next larger scale (more guidance needs more accuracy), a scale above 
 from __future__ import annotations
 
 AUTO_TABLE: tuple[tuple[float, str, int, str], ...] = (
-    # (guidance scale up to, sampler, steps, spacing): issue 4's measurement (DPM-Solver++(2M) with 20 logSNR-uniform
-    # steps closer to the exact ODE solution than 50 DDIM steps on the test model and on digits)
-    (float("inf"), "dpmpp", 20, "logsnr"),
+    # (guidance scale up to, sampler, steps, spacing): written by benchmarks/sampler_accuracy.py
+    (1.0, 'unipc', 9, 'logsnr'),  # measured at scale 1.0: 9 calls
+    (3.0, 'unipc', 9, 'logsnr'),  # measured at scale 3.0: 9 calls
+    (5.0, 'unipc', 10, 'logsnr'),  # measured at scale 5.0: 10 calls
+    (float("inf"), 'unipc', 10, 'logsnr'),  # measured at scale 7.5: 10 calls
 )
 
 

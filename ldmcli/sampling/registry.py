@@ -25,6 +25,7 @@ from ldmcli.sampling.samplers import (
     sample_dpmpp_2m,
     sample_plms,
 )
+from ldmcli.sampling.multistep import karras_timesteps, sample_dpmpp_3m, sample_unipc, trailing_timesteps
 
 GridFn = Callable[[DiscreteSchedule, int], np.ndarray]
 """``grid_fn(schedule, steps) -> descending grid`` (its length is the number of steps plus one)."""
@@ -51,10 +52,15 @@ SPACINGS: dict[str, GridFn] = {
     "full": _full_grid,
     "logsnr": partial(_solver_grid, spacing="logsnr"),
     "time": partial(_solver_grid, spacing="time"),
+    "karras": karras_timesteps,
+    "trailing": trailing_timesteps,
 }
 """Named grids: ``ddim`` (upstream's DDIM/PLMS grid, evaluated at ``1 + k * (N // S)``, ending at timestep 0's level),
 ``full`` (every timestep to the clean sample: ancestral sampling), ``logsnr`` (uniform in log-SNR from N-1 to 0),
-``time`` (uniform in t from N-1 to 0)."""
+``time`` (uniform in t from N-1 to 0), ``karras`` (Karras et al.'s sigma spacing from N-1 to 0, then a denoising step
+to the clean sample), ``trailing`` (uniform in t from N-1, the last step denoising to the clean sample)."""
+
+SOLVER_SPACINGS = ("logsnr", "time", "karras", "trailing")
 
 
 @dataclass(frozen=True)
@@ -81,10 +87,16 @@ class SamplerSpec:
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
-    "ddim": SamplerSpec(sample_ddim, SPACINGS["ddim"], "DDIM (Song et al. 2021)", ("ddim", "time", "logsnr"),
+    "ddim": SamplerSpec(sample_ddim, SPACINGS["ddim"], "DDIM (Song et al. 2021)", ("ddim", *SOLVER_SPACINGS),
                         stochastic=True, takes_eta=True),
     "plms": SamplerSpec(sample_plms, SPACINGS["ddim"], "PLMS (Liu et al. 2022)", ("ddim",), extra_calls=1),
-    "dpmpp": SamplerSpec(sample_dpmpp_2m, SPACINGS["logsnr"], "DPM-Solver++(2M) (Lu et al. 2022)", ("logsnr", "time")),
+    "dpmpp": SamplerSpec(sample_dpmpp_2m, SPACINGS["logsnr"], "DPM-Solver++(2M) (Lu et al. 2022)", SOLVER_SPACINGS),
+    "dpmpp3m": SamplerSpec(sample_dpmpp_3m, SPACINGS["logsnr"], "DPM-Solver++(3M) (Lu et al. 2022)", SOLVER_SPACINGS),
+    "unipc": SamplerSpec(partial(sample_unipc, variant="bh2", order=2), SPACINGS["logsnr"],
+                         "UniPC-2, B(h) = e^h - 1 (Zhao et al. 2023; their choice for guided sampling)",
+                         SOLVER_SPACINGS),
+    "unipc-bh1": SamplerSpec(partial(sample_unipc, variant="bh1", order=3), SPACINGS["logsnr"],
+                             "UniPC-3, B(h) = h (Zhao et al. 2023; their choice without guidance)", SOLVER_SPACINGS),
     "ddpm": SamplerSpec(sample_ddpm, SPACINGS["full"], "DDPM ancestral sampling (Ho et al. 2020)", ("full",),
                         stochastic=True, fixed_steps=True),
 }
