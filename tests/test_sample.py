@@ -29,14 +29,15 @@ def _pixels(path) -> np.ndarray:
 def test_unconditional_layout_defaults_and_seeds(cli, monkeypatch, tmp_path):
     install_tiny("uncond", monkeypatch)
     out = tmp_path / "out"
-    args = ["sample", "tiny-uncond", "-n", "3", "--batch_size", "2", "-c", "3", "--seed", "5", "--json", *FAST]
+    args = ["sample", "tiny-uncond", "-n", "3", "--batch_size", "2", "--sampler", "ddim", "-c", "3", "--seed", "5",
+            "--json", *FAST]
     r = cli(*args, "--logdir", out)
     assert r.exit_code == 0, r
     records = _records(r.stdout)
     assert [Path(x["path"]).relative_to(out).as_posix() for x in records] == [
         "samples/00000.png", "samples/00001.png", "samples/00002.png", "grid-0000.png"]
     meta = read_metadata(out / "samples" / "00002.png")
-    assert meta["command"] == "sample" and meta["sampler"] == "ddim" and meta["eta"] == 1.0  # upstream's default
+    assert meta["command"] == "sample" and meta["sampler"] == "ddim" and meta["eta"] == 1.0  # upstream's DDIM eta
     assert meta["seed"] == 7 and meta["steps"] == 3 and meta["height"] == 32 and meta["model"] == "tiny-uncond"
     with Image.open(out / "grid-0000.png") as grid:
         assert grid.size == (2 * 34 + 2, 2 * 34 + 2)  # rows of batch_size (2) images
@@ -85,6 +86,20 @@ def test_resume_a_train_ldm_run_folder_or_checkpoint(cli, tmp_path, monkeypatch)
     r = cli("sample", "-r", run, "-n", "1", "-c", "2", "--skip-grid", *FAST)
     assert r.exit_code == 0, r
     assert (tmp_path / "outputs" / f"{run.name}-samples" / "samples" / "00000.png").is_file()  # the default outdir
+
+
+def test_default_sampler_is_auto(cli, monkeypatch, tmp_path):
+    """No --sampler: the measured choice for the guidance scale (fewest calls at 50 DDIM steps' accuracy), recorded
+    as what ran, with eta 0 (DDIM's eta 1 default belongs to --sampler ddim)."""
+    from ldmcli.sampling.auto import auto_choice
+
+    install_tiny("uncond", monkeypatch)
+    r = cli("sample", "tiny-uncond", "-n", "1", "--seed", "0", "--json", "--logdir", tmp_path / "out", *FAST)
+    assert r.exit_code == 0, r
+    meta = _records(r.stdout)[0]
+    sampler, steps, spacing = auto_choice(1.0)
+    assert meta["sampler_requested"] == "auto" and meta["eta"] == 0.0
+    assert (meta["sampler"], meta["steps"], meta["spacing"]) == (sampler, steps, spacing)
 
 
 def test_vanilla_sample_runs_the_full_ddpm_chain(cli, monkeypatch, tmp_path):

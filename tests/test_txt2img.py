@@ -16,7 +16,7 @@ from PIL import Image
 from ldmcli.output import read_metadata
 from tinymodels import CONFIGS, install_bert_vocab, install_tiny, write_tiny
 
-FAST = ["--H", "32", "--W", "32", "--ddim_steps", "3", "--precision", "fp32", "--device", "cpu"]
+FAST = ["--H", "32", "--W", "32", "--sampler", "ddim", "--ddim_steps", "3", "--precision", "fp32", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,9 @@ def inpaint_command(
     ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="A checkpoint file (.ckpt or .safetensors).",
                                         show_default=False),
     steps: int = typer.Option(50, "--steps", help="Sampler steps (upstream: 50 DDIM steps)."),
-    sampler: str = typer.Option("ddim", "--sampler", help="ddim (upstream's), plms or dpmpp."),
+    sampler: str = typer.Option("auto", "--sampler", help="auto (the fewest model calls at 50 DDIM steps' accuracy; "
+                                "--steps is then ignored), ddim (upstream's, with --steps 50), plms, dpmpp, dpmpp3m, "
+                                "unipc or unipc-bh1."),
     eta: float = typer.Option(0.0, "--eta", help="DDIM eta (0: deterministic, upstream's)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the initial noise, the same for every image "
                                        "(default: random, recorded in each PNG).", show_default=False),

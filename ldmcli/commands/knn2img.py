@@ -38,8 +38,7 @@ def knn2img_command(
     outdir: opts.OutdirOption = Path("outputs/knn2img-samples"),
     ddim_steps: opts.StepsOption = 50,
     plms: opts.PlmsOption = False,
-    sampler: Optional[str] = typer.Option(None, "--sampler", help="ddim, plms, dpmpp (DPM-Solver++(2M)) or ddpm "
-                                          "(default: ddim).", show_default=False),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help=opts.SAMPLER_HELP, show_default=False),
     ddim_eta: opts.EtaOption = 0.0,
     n_iter: opts.NIterOption = 1,
     height: int = typer.Option(768, "--H", help="Image height in pixels (the latent is [16, H/16, W/16])."),

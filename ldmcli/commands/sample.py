@@ -37,8 +37,7 @@ def sample_command(
                                         "for the other samplers).", show_default=False),
     vanilla_sample: bool = typer.Option(False, "--vanilla_sample", "-v", "--vanilla-sample", help="Ancestral DDPM "
                                         "sampling over the full chain (shorthand for --sampler ddpm)."),
-    sampler: Optional[str] = typer.Option(None, "--sampler", help="ddim, plms, dpmpp or ddpm (default: ddim).",
-                                          show_default=False),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help=opts.SAMPLER_HELP, show_default=False),
     classes: Optional[List[int]] = typer.Option(None, "--class", help="Class id for class-conditional models "
                                                 "(repeatable; 0-999 for cin256/cin256-v2).", show_default=False),
     scale: float = typer.Option(1.0, "--scale", help="Classifier-free guidance scale for class-conditional models "

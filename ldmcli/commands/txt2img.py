@@ -30,8 +30,7 @@ def txt2img_command(
     outdir: opts.OutdirOption = Path("outputs/txt2img-samples"),
     ddim_steps: opts.StepsOption = 50,
     plms: opts.PlmsOption = False,
-    sampler: Optional[str] = typer.Option(None, "--sampler", help="ddim, plms, dpmpp (DPM-Solver++(2M)) or ddpm "
-                                          "(the full 1000-step chain) (default: ddim).", show_default=False),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help=opts.SAMPLER_HELP, show_default=False),
     ddim_eta: opts.EtaOption = 0.0,
     n_iter: opts.NIterOption = 1,
     height: int = typer.Option(256, "--H", help="Image height in pixels (larger than 256 runs convolutionally)."),

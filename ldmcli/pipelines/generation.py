@@ -325,15 +325,18 @@ def base_metadata(loaded: Any, settings: SamplerSettings, dtype: torch.dtype) ->
     """Settings shared by every image of a run (``loaded``: :class:`ldmcli.loading.Loaded`): model, checkpoint,
     sampler and software version."""
     schedule = DiscreteSchedule.from_model(loaded.model)
+    ran = settings.resolve()  # what ran (``auto`` recorded as its choice, with ``sampler_requested``)
     return {
         "model": loaded.name,
         "checkpoint": str(loaded.ckpt_path),
         "checkpoint_sha256": cached_sha256(loaded.ckpt_path, loaded.ckpt_sha256),
-        "sampler": settings.sampler,
-        "steps": settings.steps if settings.sampler != "ddpm" else schedule.num_timesteps,
+        "sampler": ran.sampler,
+        "sampler_requested": settings.sampler,
+        "spacing": ran.spacing,
+        "steps": ran.steps if ran.sampler != "ddpm" else schedule.num_timesteps,
         "sampler_steps": settings.num_steps(schedule),
         "scale": settings.scale,
-        "eta": settings.eta,
+        "eta": ran.eta,
         "precision": str(dtype).removeprefix("torch."),
         "ldmcli_version": __version__,
     }

@@ -27,7 +27,7 @@ from ldmcli.pipelines.events import (EventHandler, ItemDone, ItemFailed, ItemSki
 from ldmcli.sampling import SamplerSettings
 
 DEFAULT_MODEL = "inpainting_big"
-SAMPLERS = ("ddim", "plms", "dpmpp")
+SAMPLERS = ("auto", "ddim", "plms", "dpmpp", "dpmpp3m", "unipc", "unipc-bh1")  # ddpm: 1000 steps, no use here
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class InpaintRequest:
     model: str = DEFAULT_MODEL
     config: Path | None = None
     ckpt: Path | None = None
-    settings: SamplerSettings = SamplerSettings("ddim", 50, 0.0, 1.0)
+    settings: SamplerSettings = SamplerSettings("auto", 50, 0.0, 1.0)
     seed: int | None = None
     device: str | None = None
     precision: str = "auto"
@@ -181,6 +181,7 @@ def inpaint_pairs(
     """
     report = report if report is not None else InpaintReport(seed=seed)
     total = len(pairs)
+    ran = settings.resolve()
     for index, pair in enumerate(pairs):
         if pair.output.exists() and not overwrite:
             report.skipped.append(pair)
@@ -198,8 +199,9 @@ def inpaint_pairs(
         result = inpaint_array(model, image, mask, settings=settings, generator=generator,
                                callback=lambda i, n, index=index: on_event(ItemStep(index, total, i, n)))
         record = {**(dict(metadata) if metadata else {}), "image": pair.image.name, "mask": pair.mask.name,
-                  "width": int(image.shape[1]), "height": int(image.shape[0]), "steps": settings.steps,
-                  "sampler": settings.sampler, "eta": settings.eta, "seed": seed}
+                  "width": int(image.shape[1]), "height": int(image.shape[0]), "steps": ran.steps,
+                  "sampler": ran.sampler, "sampler_requested": settings.sampler, "spacing": ran.spacing,
+                  "eta": ran.eta, "seed": seed}
         try:
             atomic_write_bytes(pair.output, encode_png(result, record))
         except OSError as e:
