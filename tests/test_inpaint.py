@@ -272,7 +272,8 @@ def test_cli_single_pair(cli, monkeypatch, tmp_path):
     install_tiny("inpaint", monkeypatch)
     image, mask = _write_pair(tmp_path, "photo", 13, 21)
     out = tmp_path / "result" / "out.png"
-    r = cli("inpaint", image, mask, "-o", out, "--model", TINY, "--steps", "2", "--seed", "7", "--json")
+    r = cli("inpaint", image, mask, "-o", out, "--model", TINY, "--sampler", "ddim", "--steps", "2",
+            "--seed", "7", "--json")
     assert r.exit_code == 0, r
     report = json.loads(r.stdout)
     assert report["written"][0]["path"] == str(out) and report["seed"] == 7 and report["failed"] == []
@@ -285,10 +286,11 @@ def test_cli_single_pair(cli, monkeypatch, tmp_path):
     assert meta["seed"] == 7 and meta["steps"] == 2 and meta["sampler"] == "ddim" and meta["image"] == "photo.png"
     assert [p.name for p in out.parent.iterdir()] == ["out.png"]  # no temporary files left
 
-    r = cli("inpaint", image, mask, "-o", out, "--model", TINY, "--steps", "2", "--seed", "7")
+    r = cli("inpaint", image, mask, "-o", out, "--model", TINY, "--sampler", "ddim", "--steps", "2", "--seed", "7")
     assert r.exit_code == 2 and "exists" in r.stderr and str(out) in r.stderr
     out.unlink()
-    r = cli("inpaint", image, mask, "-o", out, "--model", TINY, "--steps", "2", "--seed", "7", "-q")
+    r = cli("inpaint", image, mask, "-o", out, "--model", TINY, "--sampler", "ddim", "--steps", "2",
+            "--seed", "7", "-q")
     assert r.exit_code == 0, r
     assert (_read(out) == result).all()  # the same seed gives the same image
 
@@ -340,7 +342,8 @@ def test_cli_batch_resumes_and_reports_bad_pairs(cli, monkeypatch, tmp_path):
     _png(indir / "lonely.png", _pair_arrays()[0])
     _write_pair(indir, "wrongsize")
     _png(indir / "wrongsize_mask.png", np.zeros((3, 3), np.uint8))
-    args = ["inpaint", "--indir", indir, "--outdir", outdir, "--model", TINY, "--steps", "2", "--seed", "1"]
+    args = ["inpaint", "--indir", indir, "--outdir", outdir, "--model", TINY, "--sampler", "ddim", "--steps", "2",
+            "--seed", "1"]
 
     r = cli(*args, "--json")
     assert r.exit_code == 1, r

@@ -92,11 +92,11 @@ def test_layout_metadata_json_and_numbering_across_runs(cli, tiny, tmp_path):
 
 def test_seed_reproducibility_and_samplers(cli, tiny, tmp_path):
     runs = {}
-    for name, extra in (("a", []), ("b", []), ("c", ["--seed", "2"]), ("plms", ["--plms"]),
+    for name, extra in (("a", []), ("b", []), ("c", ["--seed", "2"]), ("plms", ["--sampler", "plms"]),
                         ("dpmpp", ["--sampler", "dpmpp"]), ("eta", ["--ddim_eta", "1.0"]), ("eta2", ["--eta", "1.0"])):
         seed = [] if "--seed" in extra else ["--seed", "1"]
         r = cli("txt2img", "a tree", "--model", "tiny-txt2img", "--n_samples", "1", "--skip-grid", "--outdir",
-                tmp_path / name, *seed, *extra, *FAST)
+                tmp_path / name, *seed, *FAST, *extra)
         assert r.exit_code == 0, r
         assert sorted(p.name for p in (tmp_path / name).rglob("*.png")) == ["00000.png"]
         runs[name] = _pixels(tmp_path / name / "samples" / "00000.png")
