@@ -219,9 +219,10 @@ class PackedConv2d(nn.Conv2d):
         if not self.dense_released:
             return
         dense = self.dense_weight()
+        requires_grad = self.weight.requires_grad
         self.__dict__.pop("_ldm_dense_format", None)
         self.__dict__.pop("_ldm_packed", None)
-        self.weight = nn.Parameter(dense, requires_grad=False)
+        self.weight = nn.Parameter(dense, requires_grad=requires_grad)
 
     # ---- everything that reads the weight's values gets the real one
 
