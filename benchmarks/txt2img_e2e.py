@@ -275,8 +275,8 @@ def main() -> None:
     if "fast" in results and "plain" in results:
         f, p = results["fast"], results["plain"]
         per = {"load": "load", "conditioning": "conditioning (BERT)", "decode": "decode"}
-        cmp = [f"{label} {f['seconds'][k] / p['seconds'][k]:.2f} wall / {f['cpu_seconds'][k] / p['cpu_seconds'][k]:.2f} CPU"
-               for k, label in per.items()]
+        cmp = [f"{label} {f['seconds'][k] / p['seconds'][k]:.2f} wall / "
+               f"{f['cpu_seconds'][k] / p['cpu_seconds'][k]:.2f} CPU" for k, label in per.items()]
         cmp.append(f"per step {f['step_median'] / p['step_median']:.2f} wall / "
                    f"{f['step_cpu_median'] / p['step_cpu_median']:.2f} CPU")
         print("stage by stage, fast / plain (< 1: fast is faster): " + "; ".join(cmp), flush=True)

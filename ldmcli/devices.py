@@ -124,6 +124,8 @@ class CpuKind:
             held = [f"ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY')}"] if os.environ.get(
                 "ATEN_CPU_CAPABILITY") else []
             held += [f"ONEDNN_MAX_CPU_ISA={self.onednn_limit}"] if self.onednn_limit else []
+            held += [f"MKL_ENABLE_INSTRUCTIONS={os.environ['MKL_ENABLE_INSTRUCTIONS']}"] if os.environ.get(
+                "MKL_ENABLE_INSTRUCTIONS") else []
             parts[0] += f" (emulated on a bigger CPU: {', '.join(held)})"
         parts.append("native bf16" if self.native_bf16 else "no native bf16 (bf16 is emulated, slow)")
         parts.append("AMX" if self.amx else "no AMX")
