@@ -272,6 +272,10 @@ def main() -> None:
                      f"{iso['pipeline']['wall'] / iso['isolated']['wall']:.3f} wall, "
                      f"{iso['pipeline']['cpu'] / iso['isolated']['cpu']:.3f} CPU")
         print(line, flush=True)
+        print("        CPU seconds per stage: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["cpu_seconds"].items()),
+              flush=True)
+        if args.json:  # after every variant, so a run cut short keeps what it measured
+            Path(args.json).write_text(json.dumps(results, indent=2))
     if "fast" in results and "plain" in results:
         f, p = results["fast"], results["plain"]
         per = {"load": "load", "conditioning": "conditioning (BERT)", "decode": "decode"}
