@@ -426,8 +426,24 @@ def test_weight_held_only_packed_comes_back_for_everything_that_reads_it():
     assert rel(out, plain(x)) < 1e-6
 
 
-def test_choose_plan_per_device_and_cpu_kind():
+def test_choose_plan_per_device_and_cpu_kind(tiny_txt2img, monkeypatch):
     from ldmcli.devices import CpuKind
+
+    avx2 = CpuKind("AVX2", False, False, None, False)
+    mixed = {"unet": fastpath.StagePlan(True, True), "first_stage": fastpath.StagePlan(False, False)}
+    monkeypatch.setattr(fastpath, "_CPU_PLANS", {("avx2", "float32"): mixed})
+    assert fastpath.choose_plan("cpu", torch.float32, avx2) == mixed
+    assert fastpath.choose_plan("cpu", torch.bfloat16, avx2) == fastpath._CPU_DEFAULT
+    model = fastpath.prepare_for_inference(copy.deepcopy(tiny_txt2img), dtype=torch.float32, plan=mixed)
+    assert fastpath.is_channels_last(model.model) and not fastpath.is_channels_last(model.first_stage_model)
+    assert not any(isinstance(m, fastpath.PackedConv2d) for m in model.first_stage_model.modules())
+    assert model.fast_path["first_stage_channels_last"] is False and model.fast_path["channels_last"] is True
+    x = torch.randn(1, 4, 8, 8)
+    with fastpath.inference_context():  # the decoder gets its own layout (a 1x1 kernel is the same in both)
+        bad = _conv_inputs_not_in(model.first_stage_model, torch.contiguous_format,
+                                  lambda: fastpath.decode_latents(model, x))
+    assert all(model.first_stage_model.get_submodule(name).kernel_size == (1, 1) for name in bad)
+    monkeypatch.setattr(fastpath, "_CPU_PLANS", {})
 
     gpu = fastpath.choose_plan("cuda", torch.float16)
     assert gpu["unet"] == gpu["first_stage"] == fastpath.StagePlan(False, False)
