@@ -32,6 +32,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import ctypes
+import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -431,11 +432,17 @@ def _release_pages(t: torch.Tensor) -> None:
     lo, hi = -(-start // _PAGE) * _PAGE, stop // _PAGE * _PAGE
     if hi <= lo:
         return
+    madvise = _madvise()
+    if madvise is not None:  # without madvise the map is released when its last view goes
+        madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+
+
+@functools.lru_cache(maxsize=1)
+def _madvise() -> Any:
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
-    except (OSError, AttributeError):  # no madvise here: the map is released when its last view goes
-        pass
+        return ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
 
 
 def _convert_tensors(

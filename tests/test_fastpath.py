@@ -484,3 +484,25 @@ def test_resolve_precision_on_a_cpu_without_native_bf16(monkeypatch):
     assert "emulated" in kind.describe() and "no native bf16" in kind.describe()
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
     assert devices.resolve_precision("auto", cpu, cpu_flags_override=native) == torch.bfloat16
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
+def test_released_map_pages_leave_rss_and_read_back_from_the_file(tmp_path):
+    """What keeps prepare's peak at one copy: after a mapped tensor is copied, its pages are dropped from RSS (and
+    would be read back from the file, unchanged, if touched again)."""
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    n = 8 * 2**20  # 32 MB of float32
+    values = torch.arange(n, dtype=torch.float32)
+    path = tmp_path / "weights.bin"
+    values.numpy().tofile(path)
+    mapped = torch.from_file(str(path), shared=False, size=n, dtype=torch.float32)
+    assert fastpath._in_file_map(mapped, fastpath._file_mappings())
+    assert not fastpath._in_file_map(values, fastpath._file_mappings())
+    assert float(mapped.sum()) == float(values.sum())  # every page touched: resident
+    before = rss()
+    fastpath._release_pages(mapped)
+    assert before - rss() > 24 * 2**20
+    assert torch.equal(mapped, values)
