@@ -437,12 +437,25 @@ def _release_pages(t: torch.Tensor) -> None:
         madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
 
 
-@functools.lru_cache(maxsize=1)
-def _madvise() -> Any:
+def _trim_heap() -> None:
+    """Give the C heap's free memory back to the system (glibc ``malloc_trim``). Copying and packing thousands of
+    weights leaves freed chunks below glibc's mmap threshold in the heap, resident: 0.8 GB of a float32
+    txt2img-f8-large (13% of its weights) without this. Elsewhere (no glibc) nothing happens."""
+    trim = _libc_function("malloc_trim")
+    if trim is not None:
+        trim(ctypes.c_size_t(0))
+
+
+@functools.lru_cache(maxsize=None)
+def _libc_function(name: str) -> Any:
     try:
-        return ctypes.CDLL(None, use_errno=True).madvise
+        return getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
+
+
+def _madvise() -> Any:
+    return _libc_function("madvise")
 
 
 def _convert_tensors(
@@ -551,6 +564,7 @@ def prepare_for_inference(
     for name, net in networks:
         if stages[name].pack:
             packed += pack_convolutions(net, release_dense=True)
+    _trim_heap()
     if compile:
         unet = getattr(wrapper, "diffusion_model", wrapper)
         if callback:
