@@ -446,6 +446,19 @@ def _trim_heap() -> None:
         trim(ctypes.c_size_t(0))
 
 
+_TRIM_EVERY = 64 * 2**20
+_since_trim = 0
+
+
+def _trim_heap_every(nbytes: int) -> None:
+    """:func:`_trim_heap` once per ``_TRIM_EVERY`` bytes copied, so freed chunks never pile up while converting."""
+    global _since_trim
+    _since_trim += nbytes
+    if _since_trim >= _TRIM_EVERY:
+        _since_trim = 0
+        _trim_heap()
+
+
 @functools.lru_cache(maxsize=None)
 def _libc_function(name: str) -> Any:
     try:
@@ -488,6 +501,8 @@ def _convert_tensors(
                         if mapped:
                             _release_pages(t)
                         memo[ident] = new
+                        if new.data_ptr() != t.data_ptr():
+                            _trim_heap_every(t.numel() * t.element_size())
                     if isinstance(t, nn.Parameter):
                         t.data = new
                     else:
@@ -563,7 +578,10 @@ def prepare_for_inference(
     packed = 0
     for name, net in networks:
         if stages[name].pack:
-            packed += pack_convolutions(net, release_dense=True)
+            packed += pack_convolutions(net)
+            for m in net.modules():
+                if isinstance(m, PackedConv2d) and m.pack_now(release_dense=True):
+                    _trim_heap_every(m.weight.numel() * m.weight.element_size())
     _trim_heap()
     if compile:
         unet = getattr(wrapper, "diffusion_model", wrapper)
