@@ -21,6 +21,16 @@ if str(REPO) not in sys.path:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def device_label(device: torch.device) -> str:
+    """What the numbers were measured on, to print beside every one of them: the CPU's capability (torch's kernels,
+    native bf16, AMX, emulation by ATEN_CPU_CAPABILITY/ONEDNN_MAX_CPU_ISA) and the threads, or the GPU's name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    from ldmcli.devices import cpu_kind
+
+    return f"{cpu_kind().describe()}, {torch.get_num_threads()} threads"
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 
 import _bench  # noqa: F401  (puts the repository on sys.path)
-from _bench import REPO, fill_zero_layers, peak_rss_gb, psnr, sync
+from _bench import REPO, current_rss_gb, fill_zero_layers, peak_rss_gb, psnr, sync
 
 VOCAB = REPO / "tests" / "fixtures" / "bert-base-uncased-vocab.txt"
 PROMPT = "a painting of a virus monster playing guitar"
@@ -82,9 +83,16 @@ def write_checkpoint(path: Path, quick: bool) -> None:
 
 
 def worker(args) -> dict:
-    """One variant, timed stage by stage; writes the image (float32 tensor) next to the checkpoint."""
+    """One variant, timed stage by stage; writes the image (float32 tensor) next to the checkpoint.
+
+    Sampling is timed step by step (the time between consecutive model calls, sampler arithmetic included), wall
+    clock and this thread's CPU time. After decoding, the same process times the *isolated* UNet step (the prepared
+    UNet called directly on a batch of 2 in the network's dtype and layout, as ``unet_step.py`` does) alternating with
+    one pipeline model call (guidance, casts and layout as in the sampling loop), so the two are compared under the
+    same load on the same weights.
+    """
     from ldmcli import fastpath
-    from ldmcli.devices import pick_device, resolve_precision
+    from ldmcli.devices import cpu_kind, pick_device, resolve_precision
     from ldmcli.loading import load_model
     from ldmcli.sampling import DiscreteSchedule, model_denoiser, sample_ddim, sample_dpmpp_2m
     from ldmcli.sampling.samplers import ddim_timesteps, dpmpp_timesteps
@@ -108,9 +116,10 @@ def worker(args) -> dict:
     dtype = resolve_precision("auto" if variant == "fast" else "fp32", device)
     model = load_model(args.ckpt, device=device)
     t = mark("load", start)
-    if fast:
-        fastpath.prepare_for_inference(model, dtype=dtype, channels_last=True, compile=args.compile)
+    if fast:  # what ldm txt2img does: the plan measured for this CPU kind and precision
+        fastpath.prepare_for_inference(model, dtype=dtype, compile=args.compile)
         t = mark("prepare", t)
+    rss_prepared = current_rss_gb()
     prompts = [PROMPT] * args.batch
     grad_off = fastpath.inference_context() if fast else torch.no_grad()
     with grad_off:
@@ -123,26 +132,57 @@ def worker(args) -> dict:
         t = mark("conditioning", t)
         schedule = DiscreteSchedule.from_model(model)
         eps = model_denoiser(model, cond, uncond, SCALE, schedule=schedule)
+        stamps: list[tuple[float, float]] = []
+
+        def stepped(x, tt):
+            stamps.append((time.perf_counter(), time.process_time()))
+            return eps(x, tt)
+
         g = torch.Generator().manual_seed(42)
         lat = args.size // 8
         x = torch.randn(args.batch, model.channels, lat, lat, generator=g).to(device)
         if fast:
             x = fastpath.fast_layout(model, x)
-            z = sample_dpmpp_2m(eps, x, schedule, dpmpp_timesteps(schedule, args.fast_steps))
+            z = sample_dpmpp_2m(stepped, x, schedule, dpmpp_timesteps(schedule, args.fast_steps))
         else:
-            z = sample_ddim(eps, x, schedule, ddim_timesteps(args.plain_steps, schedule.num_timesteps))
+            z = sample_ddim(stepped, x, schedule, ddim_timesteps(args.plain_steps, schedule.num_timesteps))
+        sync(device)
+        stamps.append((time.perf_counter(), time.process_time()))
         t = mark("sampling", t)
         tile = args.tile if fast else None
         img = fastpath.decode_latents(model, z, tile=tile) if fast else model.decode_first_stage(z).float()
         t = mark("decode", t)
-    times["total"] = time.perf_counter() - start
-    cpu["total"] = time.process_time() - cpu_start
+        times["total"] = time.perf_counter() - start
+        cpu["total"] = time.process_time() - cpu_start
+        step_wall = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
+        step_cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
+        isolated = {}
+        if args.isolated > 0:  # the isolated UNet step of this run, alternated with one pipeline model call
+            unet = model.model.diffusion_model
+            net_dtype = fastpath.network_dtype(unet)
+            xs = fastpath.fast_layout(model, torch.cat([x] * 2).to(net_dtype))
+            ts = torch.full((2 * args.batch,), 500, device=device, dtype=torch.long)
+            ctx = torch.cat([uncond, cond]).to(net_dtype)
+            calls = {"isolated": lambda: unet(xs, ts, context=ctx), "pipeline": lambda: eps(x, ts[: args.batch])}
+            got: dict[str, list[float]] = {k: [] for k in calls}
+            got_cpu: dict[str, list[float]] = {k: [] for k in calls}
+            for _ in range(args.isolated):
+                for k, fn in calls.items():
+                    sync(device)
+                    w0, c0 = time.perf_counter(), time.process_time()
+                    fn()
+                    sync(device)
+                    got[k].append(time.perf_counter() - w0)
+                    got_cpu[k].append(time.process_time() - c0)
+            isolated = {k: {"wall": statistics.median(v), "cpu": statistics.median(got_cpu[k])} for k, v in got.items()}
     torch.save(img.cpu(), Path(args.ckpt).with_name(f"image_{variant}.pt"))
     out = {"variant": variant, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
-           "threads": torch.get_num_threads(),
+           "cpu_kind": cpu_kind().describe(), "threads": torch.get_num_threads(),
            "batch": args.batch, "seconds": times, "cpu_seconds": cpu, "peak_rss_gb": peak_rss_gb(),
-           "steps": args.fast_steps if fast else args.plain_steps,
-           "sampler": "dpmpp_2m" if fast else "ddim"}
+           "rss_after_prepare_gb": rss_prepared, "checkpoint_gb": Path(args.ckpt).stat().st_size / 1e9,
+           "steps": args.fast_steps if fast else args.plain_steps, "sampler": "dpmpp_2m" if fast else "ddim",
+           "step_seconds": step_wall, "step_cpu_seconds": step_cpu, "isolated": isolated,
+           "fast_path": {k: str(v) for k, v in getattr(model, "fast_path", {}).items()}}
     if device.type == "cuda":
         out["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         out["images_per_s_sampling_decode"] = args.batch / (times["sampling"] + times["decode"])
@@ -168,6 +208,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="intra-op threads (default: torch's, one per core); on a shared machine, 1 avoids waiting "
                          "on a descheduled second thread at every operation")
+    ap.add_argument("--isolated", type=int, default=3,
+                    help="rounds of the isolated UNet step vs one pipeline model call after the fast runs (0: none)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
@@ -184,6 +226,9 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
 
+    from ldmcli.devices import cpu_kind
+
+    print(f"CPU: {cpu_kind().describe()}; torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     ckpt = workdir / "txt2img-f8-large-random.safetensors"
     if not ckpt.is_file():
         write_checkpoint(ckpt, args.quick)
@@ -197,6 +242,7 @@ def main() -> None:
         cmd += ["--device", args.device] if args.device else []
         cmd += ["--tile", str(args.tile)] if args.tile else []
         cmd += ["--threads", str(args.threads)] if args.threads else []
+        cmd += ["--isolated", str(args.isolated if variant != "plain" else 0)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
@@ -208,14 +254,40 @@ def main() -> None:
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in s.items() if k != "total")
         extra = f", {r['images_per_s_sampling_decode']:.2f} images/s" if "images_per_s_sampling_decode" in r else ""
         print(f"{variant:7s} {r['dtype']:8s} {r['steps']} {r['sampler']} steps: total {s['total']:.1f}s ({stages}); "
-              f"CPU time {r['cpu_seconds']['total']:.1f}s; peak RSS {r['peak_rss_gb']:.2f} GB{extra}", flush=True)
+              f"CPU time {r['cpu_seconds']['total']:.1f}s; peak RSS {r['peak_rss_gb']:.2f} GB = "
+              f"{r['peak_rss_gb'] / r['checkpoint_gb']:.2f}x the checkpoint's {r['checkpoint_gb']:.2f} GB{extra}  "
+              f"[{r['cpu_kind']}, {r['threads']} threads]", flush=True)
+        steps, steps_cpu = r["step_seconds"], r["step_cpu_seconds"]
+        r["step_median"] = statistics.median(steps)
+        r["step_cpu_median"] = statistics.median(steps_cpu)
+        line = (f"        per step: median {r['step_median']:.3f}s wall, {r['step_cpu_median']:.3f}s CPU; first "
+                f"{steps[0]:.3f}s; mean {sum(steps) / len(steps):.3f}s")
+        iso = r.get("isolated") or {}
+        if iso:
+            line += (f"; isolated UNet step {iso['isolated']['wall']:.3f}s wall, {iso['isolated']['cpu']:.3f}s CPU; "
+                     f"in-loop median / isolated {r['step_median'] / iso['isolated']['wall']:.3f} wall, "
+                     f"{r['step_cpu_median'] / iso['isolated']['cpu']:.3f} CPU; pipeline call / isolated (alternated) "
+                     f"{iso['pipeline']['wall'] / iso['isolated']['wall']:.3f} wall, "
+                     f"{iso['pipeline']['cpu'] / iso['isolated']['cpu']:.3f} CPU")
+        print(line, flush=True)
+        print("        CPU seconds per stage: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["cpu_seconds"].items()),
+              flush=True)
+        if args.json:  # after every variant, so a run cut short keeps what it measured
+            Path(args.json).write_text(json.dumps(results, indent=2))
     if "fast" in results and "plain" in results:
-        ratio = results["fast"]["seconds"]["total"] / results["plain"]["seconds"]["total"]
-        results["fast_over_plain"] = ratio
-        cpu_ratio = results["fast"]["cpu_seconds"]["total"] / results["plain"]["cpu_seconds"]["total"]
-        results["fast_over_plain_cpu_time"] = cpu_ratio
-        print(f"ratio fast / plain end to end: {ratio:.3f} wall-clock, {cpu_ratio:.3f} in CPU time (target <= 0.25; "
-              f"with --threads 1 CPU time is the work done, unaffected by other processes on a shared machine)")
+        f, p = results["fast"], results["plain"]
+        per = {"load": "load", "conditioning": "conditioning (BERT)", "decode": "decode"}
+        cmp = [f"{label} {f['seconds'][k] / p['seconds'][k]:.2f} wall / "
+               f"{f['cpu_seconds'][k] / p['cpu_seconds'][k]:.2f} CPU" for k, label in per.items()]
+        cmp.append(f"per step {f['step_median'] / p['step_median']:.2f} wall / "
+                   f"{f['step_cpu_median'] / p['step_cpu_median']:.2f} CPU")
+        print("stage by stage, fast / plain (< 1: fast is faster): " + "; ".join(cmp), flush=True)
+        ratio = f["seconds"]["total"] / p["seconds"]["total"]
+        cpu_ratio = f["cpu_seconds"]["total"] / p["cpu_seconds"]["total"]
+        results["fast_over_plain"], results["fast_over_plain_cpu_time"] = ratio, cpu_ratio
+        print(f"ratio fast / plain end to end: {ratio:.3f} wall-clock, {cpu_ratio:.3f} in CPU time "
+              f"[{f['cpu_kind']}] (targets: <= 0.25 with native bf16, <= 0.42 without; with --threads 1 CPU time is "
+              f"the work done, less affected by other processes on a shared machine)", flush=True)
     if "fast" in results and "fast32" in results:
         a = torch.load(workdir / "image_fast.pt")
         b = torch.load(workdir / "image_fast32.pt")

@@ -31,7 +31,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import _bench  # noqa: F401  (puts the repository on sys.path)
-from _bench import DTYPES, alternate, collect, fill_zero_layers, matmul_peak, params, peak_rss_gb, rel_l2
+from _bench import DTYPES, alternate, collect, device_label, fill_zero_layers, matmul_peak, params, peak_rss_gb, rel_l2
 
 from ldmcli import config as ldm_config
 from ldmcli import fastpath
@@ -131,7 +131,10 @@ def main() -> None:
     size = 128 if args.quick and args.size == 256 else args.size
     repeats = args.repeats or (2 if args.quick else 5)
     log = print
-    results: dict = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    label = device_label(device)
+    log(f"measuring on: {label}")
+    results: dict = {"device": str(device), "device_kind": label, "torch": torch.__version__,
+                     "threads": torch.get_num_threads(),
                      "size": size, "batch": args.batch, "repeats": repeats, "quick": args.quick}
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
@@ -168,7 +171,7 @@ def main() -> None:
         dtype = DTYPES[name]
         collect()
         peak = matmul_peak(device, dtype)
-        log(f"\n== {name}: measured matmul peak {peak:.0f} GFLOP/s")
+        log(f"\n== {name}: measured matmul peak {peak:.0f} GFLOP/s [{label}]")
         xd, ctxd = x.to(dtype), ctx.to(dtype)
         pack = device.type == "cpu" and not args.no_pack
         cl = fastpath.default_channels_last(device) if args.layout == "auto" else args.layout == "channels_last"
@@ -221,7 +224,7 @@ def main() -> None:
             entry["compiled"] = compiled
             entry["compiled"]["fraction_of_peak"] = flops / compiled["seconds"] / 1e9 / peak
         runs[name] = entry
-        _report(name, entry, flops)
+        _report(name, entry, flops, label)
         if args.json:  # written after every dtype, so a run cut short keeps what it measured
             results["runs"] = runs
             with open(args.json, "w") as f:
@@ -272,8 +275,8 @@ def _time_compiled(ours, xcl, t, ctx, device, repeats, log) -> dict:
     return {"compile_seconds": compile_s, "seconds": times["ldm_compiled"]}
 
 
-def _report(name: str, entry: dict, flops: int) -> None:
-    print(f"-- {name} results (median seconds per step, GFLOP/s, fraction of the {name} matmul peak)")
+def _report(name: str, entry: dict, flops: int, label: str) -> None:
+    print(f"-- {name} results (median seconds per step, GFLOP/s, fraction of the {name} matmul peak) [{label}]")
     for key, sec in entry["seconds"].items():
         print(f"   {key:20s} {sec:8.3f}s  {flops / sec / 1e9:7.0f} GFLOP/s  {entry['fraction_of_peak'][key]:6.1%}")
     if "compiled" in entry:

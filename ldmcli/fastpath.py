@@ -29,9 +29,13 @@ Nothing here prints; ``callback(message)`` gets a line per stage.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import ctypes
+import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,11 +75,17 @@ def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 
 def is_channels_last(module: nn.Module) -> bool:
-    """True when every 4-D weight of ``module`` (its convolutions) is stored channels_last."""
-    weights = [p for p in module.parameters() if p.dim() == 4 and p.shape[2] * p.shape[3] > 1]
-    return bool(weights) and all(
-        p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in weights
-    )
+    """True when every 4-D weight of ``module`` (its convolutions) is stored channels_last (a convolution whose weight
+    lives only packed counts as the layout it was packed from)."""
+    layouts = []
+    for m in module.modules():
+        if isinstance(m, PackedConv2d) and m.dense_released:
+            layouts.append(m.__dict__["_ldm_dense_format"] == "channels_last" or m.kernel_size == (1, 1))
+            continue
+        for p in m.parameters(recurse=False):
+            if p.dim() == 4 and p.shape[2] * p.shape[3] > 1:
+                layouts.append(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous())
+    return bool(layouts) and all(layouts)
 
 
 def network_dtype(module: nn.Module | None, default: torch.dtype = torch.float32) -> torch.dtype:
@@ -96,74 +106,185 @@ def mkldnn_available() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 
 
+def _weight_key(w: torch.Tensor) -> tuple:
+    """What identifies a weight's values for the packed cache: storage, dtype, shape and in-place version."""
+    try:
+        version = w._version
+    except RuntimeError:  # inference tensors have no version counter (and cannot change outside inference mode)
+        version = -1
+    return (w.data_ptr(), w.dtype, tuple(w.shape), version)
+
+
 class PackedConv2d(nn.Conv2d):
     """``nn.Conv2d`` that, at CPU inference, runs oneDNN on a weight reordered once into oneDNN's blocked layout.
 
     Eager PyTorch reorders every convolution's weight on every call; for the UNet's low-resolution levels (a
     1280x2560x3x3 kernel over 4x4 pixels) that costs more than the arithmetic. Packing once is what inductor's
     ``freezing`` does; here it happens in eager mode. Same oneDNN kernel, same result (bit-identical in the tests).
-    Parameters and state_dict are untouched (the packed copy is a cache, rebuilt when the weight changes); training,
-    other devices and dtypes, and non-zero padding modes take the ordinary path.
+
+    Two ways to hold the weight:
+
+    * beside the parameter (:func:`pack_convolutions` default; the packed copy is a cache, rebuilt when the weight
+      changes): two copies of every convolution weight;
+    * *instead of* it (``release_dense=True``, what :func:`prepare_for_inference` does): the packed copy is the only
+      one. ``self.weight`` is then a zero-byte NaN placeholder of the right shape, dtype and device (anything that
+      computes with it directly gets NaN, never plausible numbers); ``state_dict()``, ``copy.deepcopy``/pickle,
+      ``.to()``/``.cuda()`` and the ordinary path (training, other devices or dtypes) restore the real dense weight
+      from the packed one first (:meth:`restore_dense`), exactly.
+
+    Training, other devices and dtypes, and non-zero padding modes take the ordinary path.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self._packed(x)
         if packed is None:
+            self.restore_dense()
             return super().forward(x)
         return torch.ops.mkldnn._convolution_pointwise(
             x, packed, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups, "none", [],
             "",
         )
 
-    def _packed(self, x: torch.Tensor) -> torch.Tensor | None:
+    # ---- the packed copy
+
+    def _packable(self, x: torch.Tensor | None) -> bool:
         w = self.weight
-        if (
-            x.device.type != "cpu" or x.dim() != 4 or x.dtype != w.dtype or w.dtype not in (torch.float32, torch.bfloat16)
-            or self.padding_mode != "zeros" or isinstance(self.padding, str)
-            or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
-        ):
+        if x is not None and (x.device.type != "cpu" or x.dim() != 4 or x.dtype != w.dtype):
+            return False
+        return (
+            w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
+            and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+            and not (torch.is_grad_enabled() and (w.requires_grad or (x is not None and x.requires_grad)))
+        )
+
+    def _reorder(self, weight: torch.Tensor, input_size: list[int]) -> torch.Tensor | None:
+        try:
+            return torch._C._nn.mkldnn_reorder_conv2d_weight(
+                weight.detach().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
+                input_size,
+            )
+        except (RuntimeError, NotImplementedError):  # a configuration oneDNN cannot pack: stay eager
             return None
-        key = (w.data_ptr(), w.dtype, tuple(w.shape))
+
+    def _packed(self, x: torch.Tensor) -> torch.Tensor | None:
+        if not self._packable(x):
+            return None
+        if self.dense_released:
+            return self.__dict__["_ldm_packed"][1]
+        w = self.weight
+        key = _weight_key(w)
         cache = self.__dict__.get("_ldm_packed")
         if cache is None or cache[0] != key:
-            try:
-                packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                    w.detach().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
-                    list(x.shape),
-                )
-            except (RuntimeError, NotImplementedError):  # a configuration oneDNN cannot pack: stay eager
-                packed = None
-            cache = (key, packed)
+            cache = (key, self._reorder(w, list(x.shape)))
             self.__dict__["_ldm_packed"] = cache
         return cache[1]
 
+    @property
+    def dense_released(self) -> bool:
+        """True while the packed copy is the only copy of the weight (``self.weight`` a placeholder)."""
+        return bool(self.__dict__.get("_ldm_dense_format"))
+
+    def pack_now(self, input_size: list[int] | None = None, *, release_dense: bool = False) -> bool:
+        """Pack the weight now (for inputs like ``input_size``; any size works later) and, with ``release_dense``,
+        drop the dense weight. False (nothing done) where the ordinary path would be taken anyway."""
+        if self.dense_released:
+            return True
+        if not self._packable(None):
+            return False
+        w = self.weight
+        size = input_size or [1, self.in_channels, 16 * self.stride[0], 16 * self.stride[1]]
+        packed = self._reorder(w, size)
+        if packed is None:
+            return False
+        if not release_dense:
+            self.__dict__["_ldm_packed"] = (_weight_key(w), packed)
+            return True
+        channels_last = w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+        self.__dict__["_ldm_packed"] = (None, packed)
+        self.__dict__["_ldm_dense_format"] = "channels_last" if channels_last else "contiguous"
+        placeholder = torch.full((), float("nan"), dtype=w.dtype, device=w.device).expand(w.shape)
+        self.weight = nn.Parameter(placeholder, requires_grad=False)
+        return True
+
+    def dense_weight(self) -> torch.Tensor:
+        """The real weight (a new tensor when it lives only packed), in the layout it had."""
+        if not self.dense_released:
+            return self.weight
+        dense = self.__dict__["_ldm_packed"][1].to_dense()
+        if self.__dict__["_ldm_dense_format"] == "channels_last":
+            dense = dense.contiguous(memory_format=torch.channels_last)
+        return dense
+
+    def restore_dense(self) -> None:
+        """Make ``self.weight`` the real dense weight again (the packed copy is dropped)."""
+        if not self.dense_released:
+            return
+        dense = self.dense_weight()
+        requires_grad = self.weight.requires_grad
+        self.__dict__.pop("_ldm_dense_format", None)
+        self.__dict__.pop("_ldm_packed", None)
+        self.weight = nn.Parameter(dense, requires_grad=requires_grad)
+
+    # ---- everything that reads the weight's values gets the real one
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .cuda(), .float(), ...
+        self.restore_dense()
+        self.__dict__.pop("_ldm_packed", None)
+        return super()._apply(fn, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.dense_released:
+            destination[prefix + "weight"] = self.dense_weight()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.restore_dense()
+        self.__dict__.pop("_ldm_packed", None)
+        return super()._load_from_state_dict(*args, **kwargs)
+
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state = dict(state)
+        state = dict(super().__getstate__())
+        if self.dense_released:
+            params = dict(state["_parameters"])
+            params["weight"] = nn.Parameter(self.dense_weight(), requires_grad=False)
+            state["_parameters"] = params
         state.pop("_ldm_packed", None)  # an opaque oneDNN tensor: rebuilt on the next call
+        state.pop("_ldm_dense_format", None)
         return state
 
 
-def pack_convolutions(module: nn.Module) -> int:
+def _pointwise(m: nn.Conv2d) -> bool:
+    return tuple(m.kernel_size) == (1, 1)
+
+
+def pack_convolutions(module: nn.Module, *, now: bool = False, release_dense: bool = False,
+                      skip_pointwise: bool = False) -> int:
     """Make every plain ``nn.Conv2d`` in ``module`` a :class:`PackedConv2d` (in place); returns how many.
 
-    The class is swapped on the existing objects, so names, parameters and state_dict keys stay as they are. Each
-    convolution then holds its weight twice (the parameter and the packed copy) once it has run.
+    The class is swapped on the existing objects, so names, parameters and state_dict keys stay as they are. By
+    default each convolution packs on its first call and then holds its weight twice (the parameter and the packed
+    copy). ``now`` packs at once; ``release_dense`` (implies ``now``) keeps only the packed copy (see
+    :class:`PackedConv2d`). ``skip_pointwise`` leaves 1x1 convolutions eager (what :func:`prepare_for_inference`
+    does: a packed 1x1 convolution hits a slow oneDNN path on AVX2, 30x slower than eager for the UNet's 2560->1280
+    skip projection at 4x4; eager reorders little for them anyway).
     """
     if not mkldnn_available():
         return 0
     count = 0
     for m in module.modules():
-        if type(m) is nn.Conv2d:
+        if type(m) is nn.Conv2d and not (skip_pointwise and _pointwise(m)):
             m.__class__ = PackedConv2d
             count += 1
+        if type(m) is PackedConv2d and (now or release_dense):
+            m.pack_now(release_dense=release_dense)
     return count
 
 
 def unpack_convolutions(module: nn.Module) -> None:
-    """Undo :func:`pack_convolutions` (plain ``nn.Conv2d`` again, packed copies dropped)."""
+    """Undo :func:`pack_convolutions` (plain ``nn.Conv2d`` again with its dense weight, packed copies dropped)."""
     for m in module.modules():
         if type(m) is PackedConv2d:
+            m.restore_dense()
             m.__dict__.pop("_ldm_packed", None)
             m.__class__ = nn.Conv2d
 
@@ -215,7 +336,7 @@ def compile_module(
     return module
 
 
-# ----------------------------------------------------------------------------------------------------- prepare
+# ------------------------------------------------------------------------------------------ a model's networks
 
 
 def _first_stage(model: nn.Module) -> nn.Module | None:
@@ -230,6 +351,174 @@ def _unet_wrapper(model: nn.Module) -> nn.Module:
     return wrapper
 
 
+# ------------------------------------------------------------------------------------------- per-stage choices
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """How one network runs on the fast path: its memory format and whether its convolutions are packed."""
+
+    channels_last: bool
+    pack: bool
+
+
+#: Measured choices per CPU kind (``ldmcli.devices.CpuKind.key``) and precision, for the UNet and the first stage
+#: (txt2img-f8-large at 256x256, ``benchmarks/unet_step.py`` and ``benchmarks/txt2img_e2e.py``; README "Speed").
+#: Kinds not listed take ``_CPU_DEFAULT``. CPU time against contiguous unpacked, 1 thread (channels_last alone,
+#: channels_last + packed): AVX512-BF16 UNet fp32 1.02, 0.75; bf16 1.01, 0.81; decoder fp32 0.96, 0.92; bf16 0.94,
+#: 0.91; emulated AVX2 decoder fp32 0.98, 0.96 (UNet: see the README). No kind measured so far wants another choice,
+#: so this table is empty; a kind that does gets an entry here, e.g.
+#: ``("avx2", "float32"): {"unet": StagePlan(True, True), "first_stage": StagePlan(False, False)}``.
+_CPU_PLANS: dict[tuple[str, str], dict[str, StagePlan]] = {}
+_CPU_DEFAULT = {"unet": StagePlan(True, True), "first_stage": StagePlan(True, True)}
+_OTHER_DEVICE = {"unet": StagePlan(False, False), "first_stage": StagePlan(False, False)}
+
+
+def choose_plan(device: str | torch.device | None, dtype: torch.dtype | None = None,
+                kind: Any = None) -> dict[str, StagePlan]:
+    """The fast path's layout and packing for the UNet (``"unet"``) and the first stage (``"first_stage"``) on
+    ``device`` in ``dtype``: per CPU kind from measurements on the CPU (``kind``: a
+    :class:`ldmcli.devices.CpuKind`, default this machine's); contiguous and unpacked on GPUs (see the module doc)."""
+    where = torch.device(device if device is not None else "cpu")
+    if where.type != "cpu":
+        return dict(_OTHER_DEVICE)
+    if kind is None:
+        from ldmcli.devices import cpu_kind
+
+        kind = cpu_kind()
+    name = str(dtype if dtype is not None else torch.float32).removeprefix("torch.")
+    plan = dict(_CPU_PLANS.get((kind.key, name), _CPU_DEFAULT))
+    if not mkldnn_available():
+        plan = {k: StagePlan(v.channels_last, False) for k, v in plan.items()}
+    return plan
+
+
+# ------------------------------------------------------------------------------- one copy of the weights (CPU)
+
+
+_PAGE = 4096
+_MADV_DONTNEED = 4  # Linux
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process's file-backed memory maps (a checkpoint loaded with mmap), sorted; empty where
+    ``/proc/self/maps`` does not exist (then nothing is released early; the map goes when its last view does)."""
+    try:
+        text = Path("/proc/self/maps").read_text()
+    except OSError:
+        return []
+    ranges = []
+    for line in text.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/") and fields[4] != "0":
+            lo, hi = fields[0].split("-")
+            ranges.append((int(lo, 16), int(hi, 16)))
+    return sorted(ranges)
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """[start, stop) bytes of the memory ``t`` views."""
+    if t.numel() == 0:
+        return t.data_ptr(), t.data_ptr()
+    span = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0)
+    return t.data_ptr(), t.data_ptr() + span * t.element_size()
+
+
+def _in_file_map(t: torch.Tensor, maps: list[tuple[int, int]]) -> bool:
+    if t.device.type != "cpu" or not maps or t.numel() == 0:
+        return False
+    start, stop = _extent(t)
+    i = bisect.bisect_right(maps, (start, float("inf"))) - 1
+    return i >= 0 and maps[i][0] <= start and stop <= maps[i][1]
+
+
+def _release_pages(t: torch.Tensor) -> None:
+    """Drop this process's resident pages that lie wholly inside ``t`` (a view of a private file map whose data has
+    been copied): they stop counting in RSS, and would be read again from the file if touched."""
+    start, stop = _extent(t)
+    lo, hi = -(-start // _PAGE) * _PAGE, stop // _PAGE * _PAGE
+    if hi <= lo:
+        return
+    madvise = _madvise()
+    if madvise is not None:  # without madvise the map is released when its last view goes
+        madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free memory back to the system (glibc ``malloc_trim``). Copying and packing thousands of
+    weights leaves freed chunks below glibc's mmap threshold in the heap, resident: 0.8 GB of a float32
+    txt2img-f8-large (13% of its weights) without this. Elsewhere (no glibc) nothing happens."""
+    trim = _libc_function("malloc_trim")
+    if trim is not None:
+        trim(ctypes.c_size_t(0))
+
+
+_TRIM_EVERY = 64 * 2**20
+_since_trim = 0
+
+
+def _trim_heap_every(nbytes: int) -> None:
+    """:func:`_trim_heap` once per ``_TRIM_EVERY`` bytes copied, so freed chunks never pile up while converting."""
+    global _since_trim
+    _since_trim += nbytes
+    if _since_trim >= _TRIM_EVERY:
+        _since_trim = 0
+        _trim_heap()
+
+
+@functools.lru_cache(maxsize=None)
+def _libc_function(name: str) -> Any:
+    try:
+        return getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+
+
+def _madvise() -> Any:
+    return _libc_function("madvise")
+
+
+def _convert_tensors(
+    modules: Sequence[nn.Module], *, device: torch.device | None, dtype: torch.dtype | None,
+    memory_format: torch.memory_format | None, maps: list[tuple[int, int]], memo: dict, skip: set[int],
+) -> None:
+    """Cast/move/re-lay-out every parameter and buffer of ``modules`` (as ``Module.to`` would: dtype for floating
+    tensors, memory format for 4-D ones) one tensor at a time, so at most one tensor is held twice. A tensor that is a
+    view of a checkpoint's file map is always copied into the process's own memory and its pages dropped (one copy
+    of the weights, and no file-backed pages the kernel may evict and read back during sampling). Tensors shared
+    between modules (aliases) stay shared. ``skip``: ids of modules already converted."""
+    for root in modules:
+        for m in root.modules():
+            if id(m) in skip:
+                continue
+            skip.add(id(m))
+            for table in (m._parameters, m._buffers):
+                for key, t in list(table.items()):
+                    if t is None:
+                        continue
+                    ident = (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()), t.device)
+                    new = memo.get(ident)
+                    if new is None:
+                        mapped = _in_file_map(t, maps)
+                        cast = dtype if dtype is not None and t.is_floating_point() else None
+                        fmt = memory_format if memory_format is not None and t.dim() == 4 else torch.preserve_format
+                        new = t.detach().to(device=device, dtype=cast, memory_format=fmt)
+                        if mapped and new.device.type == "cpu" and new.data_ptr() == t.data_ptr():
+                            new = new.clone(memory_format=torch.preserve_format)
+                        if mapped:
+                            _release_pages(t)
+                        memo[ident] = new
+                        if new.data_ptr() != t.data_ptr():
+                            _trim_heap_every(t.numel() * t.element_size())
+                    if isinstance(t, nn.Parameter):
+                        t.data = new
+                    else:
+                        table[key] = new
+
+
+# ----------------------------------------------------------------------------------------------------- prepare
+
+
 def prepare_for_inference(
     model: nn.Module,
     *,
@@ -241,15 +530,21 @@ def prepare_for_inference(
     compile: bool = False,
     compile_mode: str | None = None,
     callback: Callback | None = None,
+    plan: dict[str, StagePlan] | None = None,
 ) -> nn.Module:
     """Ready a loaded ``LatentDiffusion`` for fast sampling, in place, and return it.
 
     ``dtype`` (None: keep): the UNet's and the first stage's weights. ``conditioner_dtype`` (None: same as
-    ``dtype``): the conditioner's (one that *is* the first stage follows the first stage). The LDM's schedule buffers stay float32. ``channels_last`` (None: True on the CPU,
-    False on GPUs, :func:`default_channels_last`) puts every convolution weight in that layout (feed inputs with
-    :func:`to_memory_format`, or :func:`fast_layout`, which reads the choice back from the model). ``pack`` (None:
-    on the CPU unless compiling) makes the convolutions of the UNet and the first stage :class:`PackedConv2d`. ``compile`` compiles the UNet with frozen
-    weights (see :func:`compile_module`); the first call then takes minutes on a CPU, later runs reuse the cache.
+    ``dtype``): the conditioner's (one that *is* the first stage follows the first stage). The LDM's schedule buffers
+    stay float32. Layout and packing per network come from ``plan`` (default :func:`choose_plan`: measured per CPU
+    kind and precision; contiguous and unpacked on GPUs); ``channels_last`` and ``pack`` (bools) override it for
+    both networks. Feed the UNet inputs with :func:`fast_layout` (``model.fast_path`` records the choices).
+    ``compile`` compiles the UNet with frozen weights (see :func:`compile_module`; nothing is packed eagerly then); the
+    first call then takes minutes on a CPU, later runs reuse the cache.
+
+    Memory: every weight ends up in exactly one copy. Tensors still mapped from the checkpoint file are copied into
+    the process's memory one at a time and their pages dropped as they go (so a float32 model does not hold the
+    map *and* re-laid-out copies); packed convolutions keep only their packed weight (:class:`PackedConv2d`).
     Gradients are switched off and the model is put in eval mode (no checkpoint wrappers).
     """
     if dtype is not None and not dtype.is_floating_point:
@@ -261,39 +556,48 @@ def prepare_for_inference(
     model.requires_grad_(False)
     target = torch.device(device) if device is not None else None
     where = target if target is not None else next((p.device for p in wrapper.parameters()), torch.device("cpu"))
-    if channels_last is None:
-        channels_last = default_channels_last(where)
-    fmt = _memory_format(channels_last)
+    stages = dict(plan) if plan is not None else choose_plan(where, dtype)
+    for name in ("unet", "first_stage"):
+        st = stages.get(name, _CPU_DEFAULT[name] if where.type == "cpu" else _OTHER_DEVICE[name])
+        stages[name] = StagePlan(st.channels_last if channels_last is None else channels_last,
+                                 (st.pack if pack is None else pack) and where.type == "cpu" and not compile)
 
     if callback:
         what = f"{str(dtype).removeprefix('torch.')} weights" if dtype is not None else "weights as loaded"
-        callback(f"preparing for inference: {what}, {'channels_last' if channels_last else 'contiguous'}")
-    # each network is cast and re-laid out in one .to() per module, one module at a time (no second full copy)
-    networks: list[nn.Module] = [wrapper]
-    if first_stage is not None:
-        networks.append(first_stage)
-    for net in networks:
-        net.to(device=target, dtype=dtype, memory_format=fmt)
+        layout = "channels_last" if stages["unet"].channels_last else "contiguous"
+        callback(f"preparing for inference: {what}, {layout}")
+    for net in (wrapper, first_stage):  # a previous prepare's packed weights: dense again before converting
+        if net is not None:
+            unpack_convolutions(net)
+    maps = _file_mappings()
+    memo: dict = {}
+    done: set[int] = set()
+    networks = [("unet", wrapper)] + ([("first_stage", first_stage)] if first_stage is not None else [])
+    for name, net in networks:
+        _convert_tensors([net], device=target, dtype=dtype, memory_format=_memory_format(stages[name].channels_last),
+                         maps=maps, memo=memo, skip=done)
     if isinstance(cond, nn.Module) and cond is not first_stage:
-        cond.to(device=target, dtype=conditioner_dtype if conditioner_dtype is not None else dtype)
-    if target is not None:
-        model.to(target)  # schedule buffers; LatentDiffusion keeps them float32
-    if dtype not in (None, torch.float32) or where.type != "cpu":
-        from ldmcli.loading import release_checkpoint
-
-        release_checkpoint(model)  # the float32 file's memory map is no longer needed
-    if pack is None:
-        pack = where.type == "cpu" and not compile
+        _convert_tensors([cond], device=target, dtype=conditioner_dtype if conditioner_dtype is not None else dtype,
+                         memory_format=None, maps=maps, memo=memo, skip=done)
+    # everything else (schedule buffers, scale_factor, ...): moved, never cast, copied out of the file map
+    _convert_tensors([model], device=target, dtype=None, memory_format=None, maps=maps, memo=memo, skip=done)
+    memo.clear()
     packed = 0
-    if pack:
-        packed = sum(pack_convolutions(net) for net in networks)
+    for name, net in networks:
+        if stages[name].pack:
+            packed += pack_convolutions(net, skip_pointwise=True)
+            for m in net.modules():
+                if isinstance(m, PackedConv2d) and m.pack_now(release_dense=True):
+                    _trim_heap_every(m.weight.numel() * m.weight.element_size())
+    _trim_heap()
     if compile:
         unet = getattr(wrapper, "diffusion_model", wrapper)
         if callback:
             callback(f"compiling the UNet (cache: {compile_cache_dir()}); the first step takes a while")
         compile_module(unet, mode=compile_mode, freeze=compile_mode is None)
-    model.fast_path = {"dtype": network_dtype(wrapper), "channels_last": channels_last, "compiled": compile,
-                       "packed_convolutions": packed}
+    model.fast_path = {"dtype": network_dtype(wrapper), "channels_last": stages["unet"].channels_last,
+                       "first_stage_channels_last": stages["first_stage"].channels_last, "compiled": compile,
+                       "packed_convolutions": packed, "plan": stages}
     return model
 
 
@@ -427,7 +731,8 @@ def decode_latents(
         raise UsageError("decode_latents needs a model with a first stage")
     dtype = network_dtype(first_stage)
     if channels_last is None:
-        channels_last = getattr(model, "fast_path", {}).get("channels_last", False)
+        fp = getattr(model, "fast_path", {})
+        channels_last = fp.get("first_stage_channels_last", fp.get("channels_last", False))
     z = 1.0 / model.scale_factor * z.float()
     force_not_quantize = False
     from ldmcli.models.autoencoder import VQModelInterface

@@ -305,8 +305,10 @@ def test_packed_convolution_equals_eager(dtype, cin, cout, k, stride, padding, b
 @needs_mkldnn
 def test_prepare_packs_on_cpu_and_the_weights_follow_a_cast(tiny_txt2img):
     model = fastpath.prepare_for_inference(copy.deepcopy(tiny_txt2img), dtype=torch.float32)
-    n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in [*model.model.modules(), *model.first_stage_model.modules()])
+    convs = [m for m in [*model.model.modules(), *model.first_stage_model.modules()] if isinstance(m, torch.nn.Conv2d)]
+    n_convs = sum(m.kernel_size != (1, 1) for m in convs)  # 1x1 convolutions stay eager (slow packed on AVX2)
     assert model.fast_path["packed_convolutions"] == n_convs > 0
+    assert all(type(m) is torch.nn.Conv2d for m in convs if m.kernel_size == (1, 1))
     assert set(model.state_dict()) == set(tiny_txt2img.state_dict())
     x, t = _inputs(model, "cpu")
     c = torch.randn(2, 77, 64)
@@ -339,3 +341,170 @@ def test_txt2img_tile_decode_option(cli, tmp_path, monkeypatch):
     assert r.exit_code == 0, r
     assert _png_pixels(tmp_path / "big/samples/00000.png").shape == (320, 320, 3)
     assert "--compile" in cli("txt2img", "--help").stdout and "--tile-decode" in cli("sample", "--help").stdout
+
+
+# --------------------------------------------------------------------------- one copy of the weights (issue 18)
+
+
+def _weight_holders(model: torch.nn.Module) -> dict[str, list]:
+    """Every place a weight of ``model`` lives: dense tensors (by storage) and packed convolution copies."""
+    dense, packed = {}, []
+    for m in model.modules():
+        if isinstance(m, fastpath.PackedConv2d) and "_ldm_packed" in m.__dict__:
+            packed.append(m)
+        for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]:
+            if t.numel() and all(st == 0 for st in t.stride()) and t.dim() > 0:
+                assert isinstance(m, fastpath.PackedConv2d) and m.dense_released and t.isnan().all()
+                continue  # the zero-byte placeholder of a weight held packed
+            dense.setdefault(t.untyped_storage().data_ptr(), []).append(t)
+    return {"dense": list(dense.values()), "packed": packed}
+
+
+@needs_mkldnn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepare_leaves_one_copy_of_each_weight(tmp_path, dtype):
+    """A model loaded from a memory-mapped .safetensors, prepared on the CPU: no weight is left in the file's map,
+    each tensor has its own storage (none held twice), and every convolution holds its weight once, packed (the
+    parameter is a zero-byte placeholder), yet state_dict() gives back exactly the loaded weights."""
+    from ldmcli.loading import load_model
+    from tinymodels import install_bert_vocab, write_tiny
+
+    install_bert_vocab()
+    files = write_tiny("txt2img", tmp_path, ckpt=False, safetensors=True)
+    model = load_model(files.config, ckpt=files.safetensors)
+    maps = fastpath._file_mappings()
+    assert any(fastpath._in_file_map(t, maps) for t in model.state_dict().values())  # loaded as views of the file
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    n_before = sum(group[0].numel() for group in _weight_holders(model)["dense"])
+    fastpath.prepare_for_inference(model, dtype=dtype)
+    holders = _weight_holders(model)
+    maps = fastpath._file_mappings()
+    tensors = [t for group in holders["dense"] for t in group]
+    assert not any(fastpath._in_file_map(t, maps) for t in tensors)
+    assert all(len(group) == 1 for group in holders["dense"])  # one storage per tensor: nothing held twice
+    convs = [m for net in (model.model, model.first_stage_model) for m in net.modules()
+             if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]  # 1x1: eager, dense
+    assert convs and all(isinstance(m, fastpath.PackedConv2d) and m.dense_released for m in convs)
+    assert len(holders["packed"]) == len(convs)
+    n_dense = sum(t.numel() for t in tensors)
+    n_packed = sum(m.weight.numel() for m in convs)
+    assert n_dense + n_packed == n_before
+    got = model.state_dict()
+    assert set(got) == set(want)
+    for key, value in want.items():
+        expect = value.to(dtype) if value.is_floating_point() and not key.startswith(("betas", "alphas", "sqrt",
+                                                                                        "log_one", "posterior",
+                                                                                        "scale_factor")) else value
+        assert got[key].dtype == expect.dtype and torch.equal(got[key], expect), key
+
+
+@needs_mkldnn
+def test_weight_held_only_packed_comes_back_for_everything_that_reads_it():
+    """A convolution whose weight lives only packed: same output as eager; state_dict, deepcopy, .to(), loading a
+    state_dict and the ordinary (training) path all see the real weight, never the placeholder."""
+    torch.manual_seed(0)
+    plain = torch.nn.Conv2d(8, 16, 3, padding=1).to(memory_format=torch.channels_last).requires_grad_(False)
+    conv = copy.deepcopy(plain)
+    assert fastpath.pack_convolutions(conv, release_dense=True) == 1 and conv.dense_released
+    assert conv.weight.untyped_storage().nbytes() <= 4 and conv.weight.isnan().all()
+    x = torch.randn(2, 8, 10, 10).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        assert rel(conv(x), plain(x)) < 1e-6
+    assert torch.equal(conv.state_dict()["weight"], plain.weight)
+    assert fastpath.is_channels_last(conv)
+    copied = copy.deepcopy(conv)
+    assert not copied.dense_released and torch.equal(copied.weight, plain.weight)
+    assert conv.dense_released  # copying did not unpack the original
+    doubled = copy.deepcopy(conv).to(torch.float64)
+    assert doubled.weight.dtype == torch.float64 and torch.equal(doubled.weight, plain.weight.double())
+    loaded = copy.deepcopy(conv)
+    loaded.pack_now(release_dense=True)
+    loaded.load_state_dict({"weight": plain.weight * 2, "bias": plain.bias})
+    assert not loaded.dense_released and torch.equal(loaded.weight, plain.weight * 2)
+    with torch.enable_grad():  # gradients wanted: the ordinary path, with the real weight
+        conv.weight.requires_grad_(True)
+        out = conv(x.requires_grad_(True))
+    assert not conv.dense_released and conv.weight.requires_grad and torch.equal(conv.weight, plain.weight)
+    assert rel(out, plain(x)) < 1e-6
+
+
+def test_choose_plan_per_device_and_cpu_kind(tiny_txt2img, monkeypatch):
+    from ldmcli.devices import CpuKind
+
+    avx2 = CpuKind("AVX2", False, False, None, False)
+    mixed = {"unet": fastpath.StagePlan(True, True), "first_stage": fastpath.StagePlan(False, False)}
+    monkeypatch.setattr(fastpath, "_CPU_PLANS", {("avx2", "float32"): mixed})
+    assert fastpath.choose_plan("cpu", torch.float32, avx2) == mixed
+    assert fastpath.choose_plan("cpu", torch.bfloat16, avx2) == fastpath._CPU_DEFAULT
+    model = fastpath.prepare_for_inference(copy.deepcopy(tiny_txt2img), dtype=torch.float32, plan=mixed)
+    assert fastpath.is_channels_last(model.model) and not fastpath.is_channels_last(model.first_stage_model)
+    assert not any(isinstance(m, fastpath.PackedConv2d) for m in model.first_stage_model.modules())
+    assert model.fast_path["first_stage_channels_last"] is False and model.fast_path["channels_last"] is True
+    x = torch.randn(1, 4, 8, 8)
+    with fastpath.inference_context():  # the decoder gets its own layout (a 1x1 kernel is the same in both)
+        bad = _conv_inputs_not_in(model.first_stage_model, torch.contiguous_format,
+                                  lambda: fastpath.decode_latents(model, x))
+    assert all(model.first_stage_model.get_submodule(name).kernel_size == (1, 1) for name in bad)
+    monkeypatch.setattr(fastpath, "_CPU_PLANS", {})
+
+    gpu = fastpath.choose_plan("cuda", torch.float16)
+    assert gpu["unet"] == gpu["first_stage"] == fastpath.StagePlan(False, False)
+    for key in ("avx2", "avx512-bf16", "amx", "avx512"):
+        kind = CpuKind(key.split("-")[0].upper(), key.endswith("bf16"), key == "amx", None, False)
+        for dtype in (torch.float32, torch.bfloat16):
+            plan = fastpath.choose_plan("cpu", dtype, kind)
+            assert set(plan) == {"unet", "first_stage"}
+            assert plan["unet"].channels_last and plan["unet"].pack == fastpath.mkldnn_available()
+
+
+def test_resolve_precision_on_a_cpu_without_native_bf16(monkeypatch):
+    """issue 14 item 7: "auto" picks float32 where bf16 is not native (mocked flags, or oneDNN held at AVX2 as in an
+    emulated AVX2 machine); asking for bf16 there works but warns once per process, naming fp32."""
+    import warnings
+
+    from ldmcli import devices
+
+    cpu = torch.device("cpu")
+    avx2 = frozenset({"avx", "avx2", "fma"})
+    assert devices.resolve_precision("auto", cpu, cpu_flags_override=avx2) == torch.float32
+    monkeypatch.setattr(devices, "cpu_flags", lambda *a, **k: avx2)
+    assert devices.resolve_precision("auto", cpu) == torch.float32
+    monkeypatch.setattr(devices, "_WARNED", set())
+    with pytest.warns(RuntimeWarning, match=r"not native on this CPU.*fp32"):
+        assert devices.resolve_precision("bf16", cpu) == torch.bfloat16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert devices.resolve_precision("bf16", cpu) == torch.bfloat16  # once per process
+    # a native-bf16 CPU whose oneDNN is held at AVX2 (ONEDNN_MAX_CPU_ISA) emulates bf16: auto is float32 there too
+    native = frozenset({"avx2", "avx512f", "avx512_bf16"})
+    assert devices.resolve_precision("auto", cpu, cpu_flags_override=native) == torch.bfloat16
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert devices.resolve_precision("auto", cpu, cpu_flags_override=native) == torch.float32
+    kind = devices.cpu_kind(native)
+    assert not kind.native_bf16 and kind.emulated
+    assert "emulated" in kind.describe() and "no native bf16" in kind.describe()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert devices.resolve_precision("auto", cpu, cpu_flags_override=native) == torch.bfloat16
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
+def test_released_map_pages_leave_rss_and_read_back_from_the_file(tmp_path):
+    """What keeps prepare's peak at one copy: after a mapped tensor is copied, its pages are dropped from RSS (and
+    would be read back from the file, unchanged, if touched again)."""
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    n = 8 * 2**20  # 32 MB of float32
+    values = torch.arange(n, dtype=torch.float32)
+    path = tmp_path / "weights.bin"
+    values.numpy().tofile(path)
+    mapped = torch.from_file(str(path), shared=False, size=n, dtype=torch.float32)
+    assert fastpath._in_file_map(mapped, fastpath._file_mappings())
+    assert not fastpath._in_file_map(values, fastpath._file_mappings())
+    assert float(mapped.sum()) == float(values.sum())  # every page touched: resident
+    before = rss()
+    fastpath._release_pages(mapped)
+    assert before - rss() > 24 * 2**20
+    assert torch.equal(mapped, values)
