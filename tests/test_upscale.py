@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from ldmcli.output import read_metadata
-from tinymodels import install_tiny
+from tinymodels import CONFIGS, install_tiny
 
 FAST = ["--precision", "fp32", "--device", "cpu", "--steps", "2", "--seed", "3"]
 
@@ -54,3 +54,126 @@ def test_one_image_any_size(cli, monkeypatch, tmp_path):
     assert meta["image_sha256"] == sha256_file(src)
     report = json.loads(r.stdout)
     assert report["written"][0]["path"] == str(out) and report["seed"] == 3 and not report["failed"]
+
+
+def test_folder_resumes_converts_and_reports_bad_files(cli, monkeypatch, tmp_path):
+    import ldmcli.loading
+
+    install_tiny("sr", monkeypatch)
+    indir, outdir = tmp_path / "in", tmp_path / "out"
+    indir.mkdir()
+    _image(indir / "a.png", 12, 9)
+    _image(indir / "b.png", 9, 11, "RGBA", seed=1)
+    _image(indir / "c.png", 10, 8, "L", seed=2)
+    _image(indir / "d.png", 8, 8, "I;16", seed=3)
+    (indir / "bad.png").write_text("not an image")
+    (indir / "notes.txt").write_text("ignored: not an image suffix")
+    args = ["upscale", "--indir", indir, "--outdir", outdir, "--model", "tiny-sr", "--json", *FAST]
+    r = cli(*args)
+    assert r.exit_code == 1, r  # the good ones are written, the bad one reported, exit 1 at the end
+    report = json.loads(r.stdout)
+    assert [Path(w["path"]).name for w in report["written"]] == ["a.png", "b.png", "c.png", "d.png"]
+    assert report["failed"] == [{"path": str(indir / "bad.png"), "error": f"{indir / 'bad.png'}: not an image"}]
+    conversions = {Path(w["path"]).name: w.get("conversions") for w in report["written"]}
+    assert conversions == {"a.png": None, "b.png": ["transparent pixels composited over white"],
+                           "c.png": ["greyscale converted to RGB"],
+                           "d.png": ["I;16 samples scaled to 8 bits", "greyscale converted to RGB"]}
+    assert "b.png: transparent pixels composited over white" in r.stderr  # notes are shown, also in logs
+    with Image.open(outdir / "b.png") as image:
+        assert image.size == (36, 44)
+    first = _pixels(outdir / "a.png")
+
+    # resumable: everything written is skipped, without loading the model
+    (indir / "bad.png").unlink()
+    monkeypatch.setattr(ldmcli.loading, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    r = cli(*args)
+    assert r.exit_code == 0, r
+    assert json.loads(r.stdout)["skipped"] == [str(outdir / n) for n in ("a.png", "b.png", "c.png", "d.png")]
+    monkeypatch.undo()
+    install_tiny("sr", monkeypatch)
+    (outdir / "b.png").unlink()
+    r = cli(*args, "--overwrite")  # the same seed gives the same pixels (eta 1: seeded noise throughout)
+    assert r.exit_code == 0, r
+    assert np.array_equal(_pixels(outdir / "a.png"), first)
+    assert not list(outdir.glob(".*.tmp"))
+
+
+def test_patch_wise_progress_and_pre_downsample(monkeypatch, tmp_path):
+    from ldmcli.conditioning import superres as sr
+    from ldmcli.pipelines import events as ev
+    from ldmcli.pipelines import upscale
+    from ldmcli.sampling import SamplerSettings
+
+    install_tiny("sr", monkeypatch)
+    # the notebook's patches (128 latent pixels, stride 64) scaled down to the tiny model, so that a small input
+    # takes several patches (the real numbers are tested in test_superres / test_patchwise)
+    monkeypatch.setattr(sr, "NOTEBOOK_SPLIT", {**sr.NOTEBOOK_SPLIT, "ks": (24, 24), "stride": (16, 16)})
+    big = _image(tmp_path / "big.png", 40, 36)
+    small = _image(tmp_path / "small.png", 12, 10)
+    seen: list = []
+    request = upscale.UpscaleRequest(images=(big, small), outdir=tmp_path / "out", model="tiny-sr", seed=0,
+                                     settings=SamplerSettings("ddim", 2, 1.0, 1.0), device="cpu", precision="fp32")
+    report = upscale.run(request, seen.append)
+    assert [(w["width"], w["height"], w["patches"]) for w in report.written] == [(160, 144, 4), (48, 40, 1)]
+    patches = [(e.index, e.stage, e.done, e.patches) for e in seen if isinstance(e, ev.ItemPatches)]
+    # 40 x 36 latent pixels: patches of 24 at 0 and 16 across, at 0 and 12 (flush with the far edge) down
+    assert [p for p in patches if p[1] == "unet"] == [(0, "unet", k, 4) for k in range(1, 5)] * 2  # 2 steps
+    assert [p for p in patches if p[1] == "decode"][-1] == (0, "decode", 4, 4)
+    assert not [p for p in patches if p[0] == 1]  # 4 x 12 < 128: the whole image at once
+    kinds = [type(e).__name__ for e in seen if not isinstance(e, (ev.Message, ev.ItemPatches))]
+    assert kinds == ["ItemStarted", "ItemStep", "ItemStep", "ItemDone"] * 2
+
+    request = upscale.UpscaleRequest(images=(big,), output=tmp_path / "x2.png", model="tiny-sr", seed=0,
+                                     pre_downsample=2, settings=SamplerSettings("ddim", 1, 1.0, 1.0), device="cpu",
+                                     precision="fp32")
+    assert upscale.run(request).written[0]["width"] == 80  # 40 / 2 * 4: the output is 2x the input
+
+
+BAD = [
+    (["{small}", "-o", "{out}"], "image too small: 7x20 px; LDSR needs at least 8 px a side"),
+    (["{ok}", "-o", "{out}", "--pre-downsample", "3"], "--pre-downsample must be 1, 2 or 4"),
+    (["{ok}", "-o", "{out}", "--pre-downsample", "4"], "image too small: 4x3 px after downsampling by 4"),
+    (["{text}", "-o", "{out}"], "not an image"),
+    (["{missing}", "-o", "{out}"], "no such file"),
+    (["{ok}", "-o", "{jpg}"], "must be a .png"),
+    (["{ok}", "{ok2}", "-o", "{out}"], "one image"),
+    (["{ok}", "{ok_dup}", "--outdir", "{outdir}"], "would both be written"),
+    (["{ok}", "-o", "{ok}"], "would overwrite its input"),
+    (["{ok}", "-o", "{exists}"], "exists (overwrite replaces it)"),
+    (["--indir", "{indir}"], "--outdir"),
+    (["--indir", "{empty}", "--outdir", "{outdir}"], "holds no images"),
+    (["--indir", "{indir}", "--outdir", "{indir}"], "must differ"),
+    (["{ok}", "--indir", "{indir}", "--outdir", "{outdir}"], "not both"),
+    ([], "nothing to upscale"),
+    (["{ok}", "-o", "{out}", "--sampler", "ddpm"], "1000-step"),
+    (["{ok}", "-o", "{out}", "--steps", "0"], "--steps"),
+    (["{ok}", "-o", "{out}", "--patch-batch", "0"], "--patch-batch"),
+    (["{ok}", "-o", "{out}", "--model", "tiny-uncond"], "not a super-resolution model"),
+    (["{ok}", "-o", "{out}", "--model", "no-such-model"], "no-such-model"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) or "nothing" for a, _ in BAD])
+def test_bad_input_is_a_one_line_usage_error_before_loading(cli, monkeypatch, tmp_path, args, message):
+    import ldmcli.loading
+    from test_txt2img import register_config_only
+
+    for family in ("sr", "uncond"):
+        (tmp_path / f"{family}.yaml").write_text(CONFIGS[family], encoding="utf-8")
+        register_config_only(monkeypatch, tmp_path, family)
+    monkeypatch.setattr(ldmcli.loading, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    (tmp_path / "indir").mkdir()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "dup").mkdir()
+    subs = {"{small}": _image(tmp_path / "small.png", 7, 20), "{ok}": _image(tmp_path / "indir" / "ok.png", 16, 12),
+            "{ok2}": _image(tmp_path / "ok2.png", 16, 12), "{ok_dup}": _image(tmp_path / "dup" / "ok.jpg", 16, 12),
+            "{text}": tmp_path / "text.png", "{missing}": tmp_path / "missing.png", "{out}": tmp_path / "res.png",
+            "{jpg}": tmp_path / "res.jpg", "{exists}": _image(tmp_path / "exists.png", 8, 8),
+            "{outdir}": tmp_path / "outdir", "{indir}": tmp_path / "indir", "{empty}": tmp_path / "empty"}
+    subs["{text}"].write_text("not an image")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    r = cli("upscale", *[subs.get(a, a) for a in args], *([] if "--model" in args else ["--model", "tiny-sr"]))
+    assert r.exit_code == 2, r
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("ldm: error:"), r.stderr
+    assert message in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written
