@@ -177,3 +177,34 @@ def test_bad_input_is_a_one_line_usage_error_before_loading(cli, monkeypatch, tm
     assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("ldm: error:"), r.stderr
     assert message in r.stderr, r.stderr
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+@pytest.mark.parametrize("interactive", [True, False])
+def test_renderer_shows_patches_and_steps(interactive):
+    import io
+
+    from rich.console import Console
+
+    from ldmcli.commands.upscale import UpscaleRenderer
+    from ldmcli.pipelines import events as ev
+
+    renderer = UpscaleRenderer()
+    renderer.interactive = interactive
+    renderer.console = Console(file=io.StringIO(), force_terminal=interactive, width=120)
+    with renderer:
+        renderer(ev.ItemStarted(0, 2, "big.png"))
+        for done in (1, 2, 3, 4):
+            renderer(ev.ItemPatches(0, 2, "unet", done, 4))
+        renderer(ev.ItemStep(0, 2, 1, 1))
+        for done in (1, 2):
+            renderer(ev.ItemPatches(0, 2, "decode", done, 2))
+        renderer(ev.ItemDone(0, 2, Path("out/big.png"), 1.5))
+        renderer(ev.ItemStarted(1, 2, "small.png"))
+        renderer(ev.ItemStep(1, 2, 1, 1))  # not patch-wise: no step line in a log
+        renderer(ev.ItemDone(1, 2, Path("out/small.png"), 0.5))
+    text = renderer.console.file.getvalue()
+    if interactive:
+        assert "decode patches" in text and "small.png" in text
+    else:
+        assert text.splitlines() == ["ldm: [1/2] step 1/1", "ldm: [1/2] decode: 2 patches done",
+                                     "ldm: [1/2] wrote out/big.png (1.5 s)", "ldm: [2/2] wrote out/small.png (0.5 s)"]

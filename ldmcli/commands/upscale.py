@@ -49,7 +49,7 @@ class UpscaleRenderer(Renderer):
 
 
 def upscale_command(
-    images: Optional[List[Path]] = typer.Argument(None, metavar="[IMAGE]...", help="Images to upscale (any size; "
+    images: Optional[List[Path]] = typer.Argument(None, metavar="IMAGE", help="Images to upscale (any size; "
                                                   "RGBA, greyscale and 16-bit are converted).", show_default=False),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where the result of one IMAGE goes (.png).",
                                           show_default=False),

@@ -111,7 +111,8 @@ def default_outdir(name: str) -> Path:
     return Path("outputs") / f"{Path(name).name or 'model'}-samples"
 
 
-def image_size(cfg: Any, name: str, request: SampleRequest, map_shape: tuple[int, int] | None = None) -> tuple[int, int]:
+def image_size(cfg: Any, name: str, request: SampleRequest,
+               map_shape: tuple[int, int] | None = None) -> tuple[int, int]:
     """``(height, width)`` of the images: ``request.height``/``width``, else the label map's size, else the model's
     training size. A label map whose own size the model cannot take is an error naming the nearest valid size."""
     f = cfg.downsampling_factor
