@@ -117,6 +117,8 @@ def test_list_classes_legend_and_examples(cli, monkeypatch, tmp_path):
     r = cli("sample", "tiny-layout", "--examples", tmp_path / "ex")
     assert r.exit_code == 0, r
     assert (tmp_path / "ex" / "example.json").read_bytes() == EXAMPLE_LAYOUT.read_bytes()
+    assert sorted(p.name for p in (tmp_path / "ex").iterdir()) == [
+        "README-layout.txt", "README-semantic.txt", "example.json", "landscape.png", "landscape_painted.png"]
 
 
 def _bad_files(tmp: Path) -> dict[str, str]:

@@ -176,6 +176,7 @@ def class_table(model: str) -> list[dict[str, Any]]:
 
 EXAMPLES = {"segmentation": ("semantic", ("landscape.png", "landscape_painted.png", "README.txt")),
             "layout": ("layout", ("example.json", "README.txt"))}
+"""Per kind: the asset folder and the files copied (``README.txt`` is written as ``README-<folder>.txt``)."""
 
 
 def write_examples(model: str, folder: str | Path, *, overwrite: bool = False) -> list[Path]:
@@ -197,7 +198,7 @@ def write_examples(model: str, folder: str | Path, *, overwrite: bool = False) -
     asset_dir, names = EXAMPLES[kind]
     written = []
     for name in names:
-        path = folder / name
+        path = folder / (f"README-{asset_dir}.txt" if name == "README.txt" else name)
         if path.exists() and not overwrite:
             continue
         atomic_write_bytes(path, resources.files("ldmcli").joinpath("assets", asset_dir, name).read_bytes())
