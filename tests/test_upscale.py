@@ -208,3 +208,38 @@ def test_renderer_shows_patches_and_steps(interactive):
     else:
         assert text.splitlines() == ["ldm: [1/2] step 1/1", "ldm: [1/2] decode: 2 patches done",
                                      "ldm: [1/2] wrote out/big.png (1.5 s)", "ldm: [2/2] wrote out/small.png (0.5 s)"]
+
+
+@pytest.mark.parametrize("size", [(10, 13), (36, 40)], ids=["whole", "patch-wise"])
+def test_same_pixels_as_the_notebook_flow(monkeypatch, tmp_path, size):
+    """upscale_array equals upstream's notebook flow written with the upstream-API DDIMSampler (eta 1, the same
+    seeded generator, EMA weights, split_input_params set on the model, decode_first_stage, crop)."""
+    import torch
+
+    from ldmcli import DDIMSampler
+    from ldmcli.conditioning import superres as sr
+    from ldmcli.output import to_uint8
+    from ldmcli.pipelines.upscale import upscale_array
+    from ldmcli.sampling import SamplerSettings
+    from tinymodels import build_tiny
+
+    monkeypatch.setattr(sr, "NOTEBOOK_SPLIT", {**sr.NOTEBOOK_SPLIT, "ks": (24, 24), "stride": (16, 16)})
+    m = build_tiny("sr", tmp_path).eval()
+    h, w = size
+    lowres = (torch.rand(h, w, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    plan = sr.plan_upscale(h, w, multiple=2)
+    assert (plan.split_input_params is None) == (h == 10)
+    c = sr.pad_to_multiple(sr.lowres_condition(lowres), 2)
+    with torch.no_grad(), m.ema_scope():
+        m.split_input_params = plan.split_input_params
+        z, _ = DDIMSampler(m).sample(S=3, batch_size=1, shape=plan.latent_shape, conditioning=c, eta=1.0,
+                                     verbose=False, generator=torch.Generator().manual_seed(1))
+        notebook = to_uint8(sr.crop_output(m.decode_first_stage(z), plan))[0]
+        ours, ours_plan = upscale_array(m, lowres, SamplerSettings("ddim", 3, 1.0, 1.0), seed=1)
+    assert ours_plan == plan and ours.shape == (4 * h, 4 * w, 3)
+    assert np.array_equal(ours, notebook)
+    # upscale_array puts the caller's split_input_params back
+    assert (getattr(m, "split_input_params", None) is None) == (plan.split_input_params is None)
+    del m.split_input_params
+    upscale_array(m, lowres, SamplerSettings("ddim", 1, 1.0, 1.0))
+    assert not hasattr(m, "split_input_params")

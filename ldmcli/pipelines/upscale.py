@@ -215,7 +215,8 @@ def upscale_array(
     """Upscale ``image`` (``[h, w, 3]`` uint8 RGB) 4x with a loaded LDSR ``model``; returns the ``[4h', 4w', 3]``
     uint8 result (``h', w'`` after ``pre_downsample``) and the plan. The initial noise and every later draw come from
     a CPU generator seeded with ``seed``. ``on_step(done, steps)`` after each sampler step, ``on_patches(stage, done,
-    total)`` as patches finish (patch-wise runs only)."""
+    total)`` as patches finish (patch-wise runs only). The model's own ``split_input_params`` are replaced by the
+    plan's for the call and restored afterwards."""
     from ldmcli.fastpath import inference_context, network_dtype
     from ldmcli.sampling import DiscreteSchedule
 
@@ -227,6 +228,7 @@ def upscale_array(
     device = gen.model_device(model)
     c = sr.pad_to_multiple(sr.lowres_condition(lowres), multiple).to(device)
     split = the_plan.split_input_params
+    previous = getattr(model, "split_input_params", None)
     model.split_input_params = None if split is None else {**split, **({"progress": on_patches} if on_patches else {})}
     schedule = DiscreteSchedule.from_model(model)
     steps = settings.num_steps(schedule)
@@ -239,7 +241,7 @@ def upscale_array(
             decoded = model.decode_first_stage(z.to(network_dtype(model.first_stage_model))).float()
             pixels = to_uint8(sr.crop_output(decoded, the_plan))[0]
     finally:
-        model.split_input_params = None
+        model.split_input_params = previous  # the caller's setting back (None: none)
     return pixels, the_plan
 
 
