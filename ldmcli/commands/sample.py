@@ -23,8 +23,8 @@ FLAGS = {"n_samples": "--n_samples", "batch_size": "--batch_size", "n_rows": "--
 
 def sample_command(
     model: Optional[str] = typer.Argument(None, metavar="MODEL", help="Zoo name (celeba256, ffhq256, "
-                                          "lsun_churches256, lsun_beds256, cin256, cin256-v2), or a run folder / "
-                                          "checkpoint as with -r.", show_default=False),
+                                          "lsun_churches256, lsun_beds256, cin256, cin256-v2, semantic_synthesis256/"
+                                          "512, layout2img-openimages256), or a run folder / checkpoint as with -r.", show_default=False),
     resume: Optional[Path] = typer.Option(None, "--resume", "-r", help="A checkpoint, or a log dir holding "
                                           "config.yaml and model.ckpt (as upstream; also ldm train-ldm runs).",
                                           show_default=False),
@@ -77,7 +77,7 @@ def sample_command(
     as_json: opts.JsonOption = False,
     quiet: opts.QuietOption = False,
 ) -> None:
-    """Sample an unconditional or class-conditional LDM, as upstream's scripts/sample_diffusion.py.
+    """Sample an unconditional, class-conditional, label-map (--segmentation) or layout (--layout) LDM.
 
     Writes OUTDIR/samples/00000.png, ... and OUTDIR/grid-0000.png, never overwriting, settings in every PNG.
     """
