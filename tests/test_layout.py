@@ -121,29 +121,11 @@ def test_shipped_example_layout():
     assert layout_tokens(objs).shape == (92,)
 
 
-_LAYOUT_BERT = """
-      target: ldm.modules.encoders.modules.BERTEmbedder
-      params:
-        n_embed: 64
-        n_layer: 1
-        vocab_size: 8192
-        max_seq_len: 92
-        use_tokenizer: false"""
-
-
 def test_tokens_through_a_tiny_layout_model(tmp_path):
     """layout2img in miniature: BERTEmbedder over 8192 token ids, 92 positions, cross-attention."""
-    from ldmcli import config
-    from ldmcli.loading import params_on_meta
-    from tinymodels import _VQ, _XATTN, _cfg, randomize
+    from tinymodels import build_tiny
 
-    text = _cfg(channels=3, params="    cond_stage_trainable: true\n    conditioning_key: crossattn\n",
-                cond_key="coordinates_bbox", unet_in=3, unet_extra=_XATTN,
-                first_stage=_VQ.format(attn_type="", attn="[]"), cond=_LAYOUT_BERT)
-    (tmp_path / "config.yaml").write_text(text)
-    with params_on_meta():
-        model = config.build_model(config.load_config(tmp_path / "config.yaml"))
-    model = randomize(model).eval()
+    model = build_tiny("layout", tmp_path).eval()
     tokens = layout_tokens(read_layout(resources.files("ldmcli").joinpath("assets/layout/example.json")))
     with torch.no_grad():
         context = model.get_learned_conditioning(tokens[None])

@@ -102,33 +102,12 @@ def test_condition_and_legend(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-_RESCALER = """
-      target: ldm.modules.encoders.modules.SpatialRescaler
-      params:
-        n_stages: 2
-        in_channels: 182
-        out_channels: 3"""
-
-
-def tiny_semantic(folder):
-    """semantic_synthesis in miniature: VQ f4, SpatialRescaler 182 -> 3 (trainable), concat into a 6-channel UNet."""
-    from ldmcli import config
-    from ldmcli.loading import params_on_meta
-    from tinymodels import _VQ, _cfg, randomize
-
-    text = _cfg(channels=3, params="    concat_mode: true\n    cond_stage_trainable: true\n",
-                cond_key="segmentation", unet_in=6, unet_extra="        num_heads: 2\n",
-                first_stage=_VQ.format(attn_type="", attn="[]"), cond=_RESCALER)
-    (folder / "config.yaml").write_text(text)
-    with params_on_meta():
-        model = config.build_model(config.load_config(folder / "config.yaml"))
-    return randomize(model).eval()
-
-
 def test_label_map_through_a_tiny_semantic_model(tmp_path):
     path = resources.files("ldmcli").joinpath("assets/semantic/landscape.png")
     _, onehot = seg.segmentation_condition(path, 32, 48)  # sizes other than the training size run convolutionally
-    model = tiny_semantic(tmp_path)
+    from tinymodels import build_tiny
+
+    model = build_tiny("semantic", tmp_path).eval()
     with torch.no_grad():
         c = model.get_learned_conditioning(onehot)
         assert c.shape == (1, 3, 8, 12)  # two bilinear halvings: the latent's size for an f4 first stage

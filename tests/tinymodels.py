@@ -21,6 +21,10 @@ Families (the upstream model each one imitates, in miniature; 32×32 images, lat
   (inpainting_big)
 * ``sr``        VQ f4 + Identity concat conditioning, 6-channel UNet input (bsr_sr)
 * ``rdm``       KL f4 (16 latent channels) + Identity crossattn with CLIP-sized contexts (rdm768x768; context 64)
+* ``semantic``  VQ f4 + SpatialRescaler (182 one-hot classes, 2 halvings, 182 -> 3), concat into a 6-channel UNet
+  (semantic_synthesis256/512)
+* ``layout``    VQ f4 + BERTEmbedder over layout tokens (vocab 8192, 92 positions, no tokenizer), crossattn
+  (layout2img-openimages256)
 
 The configs are upstream-form YAML, so they also exercise the upstream-config reader. Weights are random (seeded):
 zero-initialised layers get noise too, and EMA shadows differ from the raw weights, so a test can tell them apart.
@@ -121,6 +125,22 @@ _CLASS = """
 _IDENTITY = """
       target: torch.nn.Identity"""
 
+_RESCALER = """
+      target: ldm.modules.encoders.modules.SpatialRescaler
+      params:
+        n_stages: 2
+        in_channels: 182
+        out_channels: 3"""
+
+_LAYOUT_BERT = """
+      target: ldm.modules.encoders.modules.BERTEmbedder
+      params:
+        n_embed: 64
+        n_layer: 1
+        vocab_size: 8192
+        max_seq_len: 92
+        use_tokenizer: false"""
+
 
 def _cfg(*, channels: int, params: str, unet_in: int, unet_extra: str, first_stage: str, cond: str,
          cond_key: str = "image", linear: tuple[float, float] = (0.0015, 0.0155)) -> str:
@@ -174,6 +194,15 @@ CONFIGS: dict[str, str] = {
                             "    scale_by_std: false\n    scale_factor: 0.22765929\n",
         unet_in=16, unet_extra=_XATTN.replace("num_heads: 2", "num_head_channels: 16"),
         first_stage=_KL.format(z=16), cond=_IDENTITY, cond_key="nix", linear=(0.0015, 0.015),
+    ),
+    "semantic": _cfg(
+        channels=3, params="    concat_mode: true\n    cond_stage_trainable: true\n", cond_key="segmentation",
+        unet_in=6, unet_extra="        num_heads: 2\n", first_stage=_VQ.format(attn_type="", attn="[]"), cond=_RESCALER,
+    ),
+    "layout": _cfg(
+        channels=3, params="    cond_stage_trainable: true\n    conditioning_key: crossattn\n",
+        cond_key="coordinates_bbox", unet_in=3, unet_extra=_XATTN, first_stage=_VQ.format(attn_type="", attn="[]"),
+        cond=_LAYOUT_BERT,
     ),
 }
 FAMILIES: tuple[str, ...] = tuple(CONFIGS)

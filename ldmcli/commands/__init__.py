@@ -6,8 +6,8 @@ import importlib
 from types import ModuleType
 
 # Listed in the order `ldm --help` shows them. Add a name here only when the command works.
-COMMANDS: list[str] = ["download", "txt2img", "sample", "inpaint", "build_index", "knn2img", "train_ae", "train_ldm",
-                       "eval"]
+COMMANDS: list[str] = ["download", "txt2img", "sample", "inpaint", "upscale", "build_index", "knn2img", "train_ae",
+                       "train_ldm", "eval"]
 
 
 def implemented() -> list[ModuleType]:

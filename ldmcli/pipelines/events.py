@@ -2,10 +2,10 @@
 these, and whoever called them decides what to show (``ldm`` renders them with rich on a terminal, plain lines in a
 log, JSON records with ``--json``; a Python caller may ignore them or collect them).
 
-Generation runs (txt2img, sample, knn2img, upscale of one image) report :class:`Started`, :class:`Step` and
-:class:`FileWritten`; batch runs over input files (inpaint, upscale ``--indir``) report one :class:`ItemStarted` /
-:class:`ItemStep` / :class:`ItemDone` | :class:`ItemSkipped` | :class:`ItemFailed` sequence per input. Any stage
-may report :class:`Message` lines (loading, converting) and :class:`DownloadProgress`.
+Generation runs (txt2img, sample, knn2img) report :class:`Started`, :class:`Step` and :class:`FileWritten`; runs
+over input files (inpaint, upscale) report one :class:`ItemStarted` / :class:`ItemStep` (and :class:`ItemPatches`
+when patch-wise) / :class:`ItemDone` | :class:`ItemSkipped` | :class:`ItemFailed` sequence per input. Any stage may
+report :class:`Message` lines (loading, converting) and :class:`DownloadProgress`.
 """
 
 from __future__ import annotations
@@ -86,6 +86,18 @@ class ItemStep:
 
 
 @dataclass(frozen=True)
+class ItemPatches:
+    """Patch-wise runs (``ldm upscale`` of large inputs): ``done`` of ``patches`` patches of ``stage`` of input
+    ``index`` (``"unet"``: within the current sampler step; ``"encode"``, ``"decode"``)."""
+
+    index: int
+    total: int
+    stage: str
+    done: int
+    patches: int
+
+
+@dataclass(frozen=True)
 class ItemDone:
     """The output of input ``index`` is written (``record``: what ``--json`` reports for it)."""
 
@@ -116,8 +128,8 @@ class ItemFailed:
     message: str
 
 
-Event = Union[Message, DownloadProgress, Started, Step, FileWritten, ItemStarted, ItemStep, ItemDone, ItemSkipped,
-              ItemFailed]
+Event = Union[Message, DownloadProgress, Started, Step, FileWritten, ItemStarted, ItemStep, ItemPatches, ItemDone,
+              ItemSkipped, ItemFailed]
 EventHandler = Callable[[Event], None]
 
 

@@ -208,6 +208,26 @@ class ClassConditioner(Conditioner):
         return cond, uncond
 
 
+class FixedConditioner(Conditioner):
+    """One conditioning input for every image of a run (a one-hot label map, layout tokens): through the model's
+    conditioner once (on the model's device, floats in the conditioner's dtype), repeated to each batch's size. No
+    unconditional input: these models are sampled without guidance."""
+
+    def __init__(self, model: Any, raw: torch.Tensor) -> None:
+        self.model = model
+        self.raw = raw
+        self.cond: torch.Tensor | None = None
+
+    def __call__(self, job: Job) -> tuple[Any, Any]:
+        if self.cond is None:
+            raw = self.raw.to(model_device(self.model))
+            if raw.is_floating_point():
+                param = next(self.model.cond_stage_model.parameters(), None)
+                raw = raw.to(param.dtype if param is not None else torch.float32)
+            self.cond = self.model.get_learned_conditioning(raw)
+        return self.cond.repeat(len(job), *([1] * (self.cond.dim() - 1))), None
+
+
 # ------------------------------------------------------------------------------------------------------- sha256
 
 
