@@ -14,7 +14,8 @@ from typing import List, Optional
 import typer
 
 from ldmcli.commands._common import stderr_console
-from ldmcli.commands._render import Renderer, options
+from ldmcli.commands._render import Renderer
+from ldmcli.commands._run import options
 from ldmcli.errors import LdmError, UsageError
 from ldmcli.pipelines import events as ev
 
