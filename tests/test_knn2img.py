@@ -172,3 +172,44 @@ def test_bad_input_fails_before_loading_the_model(cli, clip_dir, rdm, tmp_path, 
     assert len(r.stderr.strip().splitlines()) == 1, r
     assert message in r.stderr, r
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_split_the_prompts(clip_dir, tmp_path):
+    """2 processes (gloo on the CPU) split the --from-file prompts, each with its own searcher over the database;
+    every prompt gets the same image and neighbours as in a 1-rank run, and no file name is taken twice."""
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+    from tinymodels import write_tiny
+
+    files = write_tiny("rdm", tmp_path / "m")
+    make_db(paths.databases_dir() / "tiny-db", clustered(300, dim=DIM))
+    prompts = _prompts(tmp_path, [f"prompt number {i}" for i in range(5)])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    common = ["knn2img", "--from-file", str(prompts), "--config", str(files.config), "--ckpt", str(files.ckpt),
+              "--clip", str(clip_dir), "--use-neighbors", "--knn", "3", "--database", "tiny-db", "--n_samples", "2",
+              "--seed", "11", "--H", "32", "--W", "32", "--sampler", "ddim", "--ddim_steps", "2", "--device", "cpu",
+              "--json", "--quiet"]
+
+    def run(launcher: list[str], out: Path) -> list[dict]:
+        proc = subprocess.run([*launcher, *common, "--outdir", str(out)], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+
+    one = run([sys.executable, "-m", "ldmcli"], tmp_path / "one")
+    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "ldmcli"], tmp_path / "two")
+
+    def by_prompt(records):
+        return {(r["prompt_index"], r["seed"]): r for r in records if r["kind"] == "sample"}
+
+    a, b = by_prompt(one), by_prompt(two)
+    assert sorted(a) == sorted(b) == [(i, 11 + i) for i in range(5)]
+    for key in a:
+        assert a[key]["neighbors"] == b[key]["neighbors"], key
+        assert np.array_equal(np.asarray(Image.open(a[key]["path"])), np.asarray(Image.open(b[key]["path"]))), key
+    assert sorted(Path(r["path"]).name for r in b.values()) == [f"{i:05d}.png" for i in range(5)]
