@@ -66,12 +66,12 @@ def load_digits(n: int):
     import torch
 
     from ldmcli.fastpath import decode_latents
-    from ldmcli.generate import class_range
-    from ldmcli.loading import load_model
+    from ldmcli.loading import load
+    from ldmcli.pipelines.generation import class_range
     from ldmcli.sampling import DiscreteSchedule, model_denoiser
 
-    model = load_model("digits")
-    cfg = model.ldm_config
+    loaded = load("digits")
+    model, cfg = loaded.model, loaded.config
     n_real, null = class_range(cfg)
     schedule = DiscreteSchedule.from_model(model)
     shape = (cfg.ldm.channels, cfg.ldm.image_size, cfg.ldm.image_size)
