@@ -84,8 +84,8 @@ def validate(request: IndexRequest) -> None:
 def run_build_index(request: IndexRequest, on_event: Callable[[Event], None] | None = None) -> tuple[BuildReport, Path]:
     """Build the searcher of ``request.database`` (embedding it first with ``from_images``); returns the report and
     the database folder. Progress arrives as :class:`Phase` events, remarks as :class:`Message` events."""
-    from ldmcli.retrieval.database import load_database, resolve_database
-    from ldmcli.retrieval.searcher import build_index
+    from ldmcli.retrieval.database import inspect_database, load_database, resolve_database
+    from ldmcli.retrieval.searcher import build_index, check_memory
 
     emit = on_event or (lambda event: None)
 
@@ -114,6 +114,8 @@ def run_build_index(request: IndexRequest, on_event: Callable[[Event], None] | N
         name = request.database
     else:
         name, folder = resolve_database(request.database, progress=download)
+    info = inspect_database(folder, name=name)  # headers only
+    check_memory(len(info), info.dim, request.options)  # refuses before any data is read
     db = load_database(folder, name=name, callback=progress)
     report = build_index(db, options=request.options, out_dir=request.out_dir, callback=progress)
     if not report.met:
