@@ -429,18 +429,22 @@ def test_plain_scann_gets_the_tuned_defaults(cli):
     assert recall_at_k(np.asarray(plain_idx), exact) >= 0.9
 
 
-def test_smallest_reordering_type_meeting_the_target_is_kept(cli):
+def test_smallest_reordering_type_meeting_the_target_is_kept():
     x = clustered(2500, seed=13)
     make_db(db_home("types"), x)
-    r = cli("build-index", "types", "--brute-force-below", "1000", "--queries", "200", "--quiet", "--json")
-    assert r.exit_code == 0, r
-    report = json.loads(r.stdout)
-    trials = report["dtype_trials"]
-    assert trials[0]["reorder_dtype"] == "int8"
-    assert [t["met"] for t in trials] == [False] * (len(trials) - 1) + [True]
-    assert report["reorder_dtype"] == trials[-1]["reorder_dtype"]
+    report = build_index(load_database(db_home("types")),
+                         options=SearcherOptions(brute_force_below=1000, n_queries=200, trial_rows=1500))
+    trials = report.dtype_trials
+    screened = [t for t in trials if t["rows"] == 1500]  # smaller types first screened on 1500 rows
+    full = [t for t in trials if t["rows"] == 2500]
+    assert [t["reorder_dtype"] for t in screened] == ["int8", "bfloat16"] and len(screened) + len(full) == len(trials)
+    candidates = [t["reorder_dtype"] for t in screened if t["met"]] + ["float32"]
+    assert [t["reorder_dtype"] for t in full] == candidates[: len(full)]  # smallest first, stop at the first met
+    assert all(not t["met"] for t in full[:-1]) and (full[-1]["met"] or full[-1]["reorder_dtype"] == "float32")
+    assert report.reorder_dtype == full[-1]["reorder_dtype"] and report.met
     files = {p.name for p in (paths.searchers_dir() / "types").iterdir()}
-    assert ("int8_dataset.npy" in files) == (report["reorder_dtype"] == "int8")
+    assert ("int8_dataset.npy" in files) == (report.reorder_dtype == "int8")
+    assert ("dataset.npy" in files) == (report.reorder_dtype == "float32")
 
 
 def test_memory_estimate_and_refusal(cli, monkeypatch):

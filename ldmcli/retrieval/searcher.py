@@ -80,6 +80,7 @@ class SearcherOptions:
     # memory
     reorder_dtype: str = "auto"  # the smallest of REORDER_DTYPES meeting target_recall, or one of them
     shard_rows: int | None = None  # DEFAULT_SHARD_ROWS
+    trial_rows: int = 200_000  # smaller reordering types are first screened on this many rows of a larger shard
     memory_limit: int | None = None  # bytes a build may use (default: the RAM available now)
 
 
@@ -510,7 +511,8 @@ def build_index(database: Database, *, options: SearcherOptions | None = None, o
     ``out_dir``, default ``data/rdm/searchers/<name>``; rows with NaN or infinity are a UsageError naming them), held-
     out queries get their exact neighbours by a chunked pass over that file, then the shards are built one at a time.
     On the first shard each reordering type is tried, smallest first, each tuned (reordering depth, then leaves) to
-    the target; the first to reach it is kept for every shard. Several shards are then tuned together (merged top-k).
+    the target; the first to reach it is kept for every shard (on a shard larger than ``trial_rows``, the smaller
+    types are first screened on that many rows, and those that miss the target there are not built in full). Several shards are then tuned together (merged top-k).
     The tuned settings become the defaults of each saved ScaNN config. The folder is renamed into place only when
     complete; the temporary folder is removed whatever happens.
 
@@ -566,6 +568,26 @@ def build_index(database: Database, *, options: SearcherOptions | None = None, o
         dtypes: tuple[str | None, ...] = (None,) if plan.kind == "brute_force" else \
             REORDER_DTYPES if o.reorder_dtype == "auto" else (o.reorder_dtype,)
         trials, result, chosen = [], None, None
+        if len(dtypes) > 1 and o.tune and n0 > o.trial_rows:
+            # screen the smaller types on the first trial_rows rows: one that misses the target there misses it on a
+            # whole shard too (recall at a given setting falls as a shard grows), and a screen costs a fraction
+            m = o.trial_rows
+            sample_plan = plan_searcher(m, o)
+            self_m = np.where(self_index < m, self_index, -1)
+            exact_m = _drop_self(exact_search(rows.rows(0, m), queries, k + 1), self_m, k)
+            kept = []
+            for dtype in dtypes[:-1]:
+                report("train", 0, len(starts))
+                searcher = _build_shard(rows_path, 0, m, dim, sample_plan, dtype)
+                screen = tune_searcher(searcher, sample_plan, m, queries, exact_m, k=k, target=o.target_recall,
+                                       max_reorder=o.max_reorder, self_index=self_m, callback=callback)
+                del searcher
+                gc.collect()
+                trials.append({"reorder_dtype": dtype, "rows": m, "pre_reorder_num_neighbors": screen.pre_reorder,
+                               "leaves_to_search": screen.leaves, "recall": screen.recall, "met": screen.met})
+                if screen.met:
+                    kept.append(dtype)
+            dtypes = (*kept, dtypes[-1])
         for dtype in dtypes:
             report("train", 0, len(starts))
             searcher = _build_shard(rows_path, 0, n0, dim, plan, dtype)
@@ -577,7 +599,7 @@ def build_index(database: Database, *, options: SearcherOptions | None = None, o
                                    leaves=plan.leaves_to_search)
                 result = TuneResult(plan.reorder, plan.leaves_to_search, r, r >= o.target_recall,
                                     [TuneStep(plan.reorder, plan.leaves_to_search, r)])
-            trials.append({"reorder_dtype": dtype, "pre_reorder_num_neighbors": result.pre_reorder,
+            trials.append({"reorder_dtype": dtype, "rows": n0, "pre_reorder_num_neighbors": result.pre_reorder,
                            "leaves_to_search": result.leaves, "recall": result.recall, "met": result.met})
             if result.met or dtype == dtypes[-1]:
                 chosen = dtype
