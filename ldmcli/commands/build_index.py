@@ -75,8 +75,8 @@ def build_index_command(
                                      "auto (the smallest that reaches --target-recall)."),
     shard_rows: int = typer.Option(1_000_000, "--shard-rows", min=1, help="Build in shards of at most this many "
                                    "rows (bounds memory; queries merge the shards' top k exactly)."),
-    max_memory: Optional[float] = typer.Option(None, "--max-memory", help="GB the build may use (default: the RAM "
-                                               "available); a build estimated above it is refused.", show_default=False),
+    max_memory: Optional[float] = typer.Option(None, "--max-memory", show_default=False, help="GB the build may "
+                                               "use (default: the RAM available); a larger estimate is refused."),
     brute_force_below: int = typer.Option(20_000, "--brute-force-below", min=1,
                                           help="Brute-force search under this many points."),
     tree_from: int = typer.Option(100_000, "--tree-from", min=1,

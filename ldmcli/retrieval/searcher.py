@@ -512,7 +512,8 @@ def build_index(database: Database, *, options: SearcherOptions | None = None, o
     out queries get their exact neighbours by a chunked pass over that file, then the shards are built one at a time.
     On the first shard each reordering type is tried, smallest first, each tuned (reordering depth, then leaves) to
     the target; the first to reach it is kept for every shard (on a shard larger than ``trial_rows``, the smaller
-    types are first screened on that many rows, and those that miss the target there are not built in full). Several shards are then tuned together (merged top-k).
+    types are first screened on that many rows, and those that miss the target there are not built in full).
+    Several shards are then tuned together (merged top-k).
     The tuned settings become the defaults of each saved ScaNN config. The folder is renamed into place only when
     complete; the temporary folder is removed whatever happens.
 
