@@ -567,7 +567,7 @@ def build_index(database: Database, *, options: SearcherOptions | None = None, o
             exact0 = _drop_self(exact_search(rows.rows(0, bounds[1]), queries, k + 1), self0, k)
         n0 = bounds[1]
         dtypes: tuple[str | None, ...] = (None,) if plan.kind == "brute_force" else \
-            REORDER_DTYPES if o.reorder_dtype == "auto" else (o.reorder_dtype,)
+            (o.reorder_dtype,) if o.reorder_dtype != "auto" else REORDER_DTYPES if o.tune else ("float32",)
         trials, result, chosen = [], None, None
         if len(dtypes) > 1 and o.tune and n0 > o.trial_rows:
             # screen the smaller types on the first trial_rows rows: one that misses the target there misses it on a
