@@ -4,7 +4,7 @@ size on disk and its RAM once loaded, and recall@10, then fits the growth and pr
 
 Each database is written (streamed, never whole in memory) as one uncompressed ``.npz`` under ``--workdir``, with
 the generator of ``retrieval_recall.py`` (1000 clusters, each a 16-d subspace plus isotropic noise, the hard case for
-reordering). Every build runs alone: the parent takes ``--lock`` (``flock``) around each child whose estimate is
+reordering; generated cluster by cluster). Every build runs alone: the parent takes ``--lock`` (``flock``) around each child whose estimate is
 above 4 GB. A second child loads the saved searcher, reports its resident memory, and measures recall@10 of fresh
 queries from the same clusters against exact search (at the stored defaults, as ``ldm knn2img`` searches).
 
@@ -30,9 +30,6 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from retrieval_recall import clustered  # noqa: E402  (the same synthetic data as the recall benchmark)
 
 DIM = 768
 OPENIMAGES = ((3_500_000, "float32"), (7_000_000, "float16"))  # ~11 GB of CLIP ViT-L/14 embeddings either way
@@ -54,6 +51,22 @@ def generator(seed: int, clusters: int = 1000, intrinsic: int = 16):
     return centers, bases
 
 
+def clustered_fast(rng: np.random.Generator, centers: np.ndarray, bases: np.ndarray, n: int, spread: float = 0.5,
+                   noise: float = 0.05) -> np.ndarray:
+    """The distribution of ``retrieval_recall.clustered`` (a random centre, ``spread`` times a Gaussian in its
+    cluster's subspace, ``noise`` times isotropic noise) generated cluster by cluster: no ``[n, D, k]`` gather."""
+    which = rng.integers(0, len(centers), n)
+    out = centers[which] + noise * rng.standard_normal((n, centers.shape[1]), dtype=np.float32)
+    z = rng.standard_normal((n, bases.shape[2]), dtype=np.float32)
+    order = np.argsort(which, kind="stable")
+    bounds = np.searchsorted(which[order], np.arange(len(centers) + 1))
+    for c in range(len(centers)):
+        rows = order[bounds[c]: bounds[c + 1]]
+        if len(rows):
+            out[rows] += spread * (z[rows] @ bases[c].T)
+    return out
+
+
 def write_database(path: Path, n: int, seed: int = 0, block: int = 100_000) -> None:
     """One uncompressed ``.npz`` (embedding float32, img_id, patch_coords) written block by block."""
     centers, bases = generator(seed)
@@ -64,7 +77,7 @@ def write_database(path: Path, n: int, seed: int = 0, block: int = 100_000) -> N
         with zf.open("embedding.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_2_0(f, {"descr": "<f4", "fortran_order": False, "shape": (n, DIM)})
             for start in range(0, n, block):
-                f.write(clustered(rng, centers, bases, min(block, n - start), 0.5, 0.05).tobytes())
+                f.write(clustered_fast(rng, centers, bases, min(block, n - start)).tobytes())
         with zf.open("img_id.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array(f, np.arange(n, dtype=np.int64))
         with zf.open("patch_coords.npy", "w", force_zip64=True) as f:
@@ -138,7 +151,7 @@ def query_child(home: str, database: str, n_queries: int) -> None:
     retriever = Retriever.open(database)
     searcher_ram = rss() - before
     centers, bases = generator(0)
-    queries = clustered(np.random.default_rng(12345), centers, bases, n_queries, 0.5, 0.05)
+    queries = clustered_fast(np.random.default_rng(12345), centers, bases, n_queries)
     t = time.perf_counter()
     found = retriever.search(queries, 10)
     seconds = time.perf_counter() - t
@@ -171,11 +184,19 @@ def main() -> None:
     parser.add_argument("--plot", default=str(REPO / "benchmarks" / "retrieval_scale.png"))
     parser.add_argument("--json", default=None, help="write the results here too")
     parser.add_argument("--queries", type=int, default=500, help="fresh queries for the query-time check")
+    parser.add_argument("--build-args", default="", help="more ldm build-index options for every build, e.g. "
+                        "'--reorder-type float32' (the default, auto, tries int8 and bfloat16 first)")
     parser.add_argument("--keep", action="store_true", help="keep the generated databases and searchers")
+    parser.add_argument("--render", nargs="+", metavar="JSON", help="only print the table and plot of earlier runs' "
+                        "--json files (runs of different sizes, e.g. done on different days)")
     parser.add_argument("--query-child", nargs=3, metavar=("HOME", "DB", "Q"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.query_child:
         query_child(args.query_child[0], args.query_child[1], int(args.query_child[2]))
+        return
+
+    if args.render:
+        report([row for path in args.render for row in json.loads(Path(path).read_text())], args.plot)
         return
 
     from ldmcli.retrieval.searcher import estimate_build_memory
@@ -202,12 +223,12 @@ def main() -> None:
                 print(f"  (waited {waited:.0f} s for {args.lock})", flush=True)
             code, out, err, wall, peak = popen_rusage(
                 [sys.executable, "-m", "ldmcli", "build-index", str(db.parent), "--json", "--quiet",
-                 "--max-memory", f"{ram_gb * 0.9:.1f}"],  # the RAM present (others hold the lock, not MemAvailable)
+                 "--max-memory", f"{ram_gb * 0.9:.1f}", *args.build_args.split()],  # the RAM present (others hold the lock, not MemAvailable)
                 {**env, "LDM_HOME": str(home)})
             if code != 0:
                 print(f"N={n:,}: build failed (exit {code}): {err.strip()[-2000:]}")
                 break
-            report = json.loads(out)
+            built = json.loads(out)
             qcode, qout, qerr, _, qpeak = popen_rusage(
                 [sys.executable, __file__, "--query-child", str(home), str(db.parent), str(args.queries)], env)
         query = json.loads(qout) if qcode == 0 else {}
@@ -215,13 +236,13 @@ def main() -> None:
             print(f"  query check failed: {qerr.strip()[-1000:]}")
         data_gb = n * DIM * 4 / 1e9
         row = {"n": n, "data_gb": data_gb, "wall_s": wall, "peak_rss_gb": peak, "peak_over_data": peak / data_gb,
-               "searcher_gb": report["searcher_bytes"] / 1e9, "searcher_ram_gb": query.get("searcher_ram_gb"),
-               "shards": len(report["shards"]), "reorder_dtype": report["reorder_dtype"],
-               "reorder": report["pre_reorder_num_neighbors"], "leaves": report["leaves_to_search"],
-               "num_leaves": report["plan"]["num_leaves"], "recall": report["recall"],
+               "searcher_gb": built["searcher_bytes"] / 1e9, "searcher_ram_gb": query.get("searcher_ram_gb"),
+               "shards": len(built["shards"]), "reorder_dtype": built["reorder_dtype"],
+               "reorder": built["pre_reorder_num_neighbors"], "leaves": built["leaves_to_search"],
+               "num_leaves": built["plan"]["num_leaves"], "recall": built["recall"],
                "fresh_recall": query.get("fresh_recall"), "queries_per_s": query.get("queries_per_s"),
-               "estimate_gb": report["memory_estimate_bytes"] / 1e9, "build_seconds": report["build_seconds"],
-               "trials": [(t["reorder_dtype"], t["rows"], round(t["recall"], 3)) for t in report["dtype_trials"]]}
+               "estimate_gb": built["memory_estimate_bytes"] / 1e9, "build_seconds": built["build_seconds"],
+               "build_args": args.build_args, "trials": [(t["reorder_dtype"], t["rows"], round(t["recall"], 3)) for t in built["dtype_trials"]]}
         row["load_average"] = os.getloadavg()[0]
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -230,7 +251,12 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 
-    rows.sort(key=lambda r: r["n"])
+    report(rows, args.plot)
+
+
+def report(rows: list[dict], plot_path: str) -> None:
+    """The markdown table, the projection to OpenImages' size and the plot."""
+    rows = sorted(rows, key=lambda r: r["n"])
     print("\n| N | float32 data | wall | peak RSS (x data) | estimate | searcher on disk | RAM at query time | shards "
           "| reordering | recall@10 held-out / fresh |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -249,8 +275,8 @@ def main() -> None:
             if n > max(ns):
                 print(f"projection to {n:,} ({kind}, fit through the two largest sizes): "
                       f"wall ~{a_t * n ** b_t / 60:.0f} min (N^{b_t:.2f}), peak RSS ~{a_m * n ** b_m:.1f} GB (N^{b_m:.2f})")
-        plot(rows, args.plot)
-        print(f"plot: {args.plot}")
+        plot(rows, plot_path)
+        print(f"plot: {plot_path}")
 
 
 def plot(rows: list[dict], path: str) -> None:
