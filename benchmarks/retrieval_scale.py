@@ -86,13 +86,22 @@ def write_database(path: Path, n: int, seed: int = 0, block: int = 100_000) -> N
 
 
 @contextlib.contextmanager
-def big_memory_lock(path: str | None):
+def big_memory_lock(path: str | None, wait: float | None = None):
+    """Hold ``flock(path)`` (None: no lock); yields the seconds waited, or None when ``wait`` seconds passed first."""
     if path is None:
         yield 0.0
         return
     t = time.perf_counter()
     with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | (fcntl.LOCK_NB if wait is not None else 0))
+                break
+            except BlockingIOError:
+                if time.perf_counter() - t > wait:
+                    yield None
+                    return
+                time.sleep(5)
         try:
             yield time.perf_counter() - t
         finally:
@@ -186,6 +195,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=500, help="fresh queries for the query-time check")
     parser.add_argument("--build-args", default="", help="more ldm build-index options for every build, e.g. "
                         "'--reorder-type float32' (the default, auto, tries int8 and bfloat16 first)")
+    parser.add_argument("--lock-wait", type=float, default=900, help="seconds to wait for the lock before skipping "
+                        "the query check of a big searcher")
     parser.add_argument("--keep", action="store_true", help="keep the generated databases and searchers")
     parser.add_argument("--render", nargs="+", metavar="JSON", help="only print the table and plot of earlier runs' "
                         "--json files (runs of different sizes, e.g. done on different days)")
@@ -217,20 +228,28 @@ def main() -> None:
             write_database(db, n)
             print(f"N={n:,}: database written in {time.perf_counter() - t:.0f} s ({db.stat().st_size / 1e9:.2f} GB)",
                   flush=True)
-        big = estimate_build_memory(n, DIM, 1_000_000) > 4e9
+        extra = args.build_args.split()
+        shard_rows = int(extra[extra.index("--shard-rows") + 1]) if "--shard-rows" in extra else 1_000_000
+        big = estimate_build_memory(n, DIM, shard_rows) > 4e9
         with big_memory_lock(args.lock if big else None) as waited:
             if waited > 1:
                 print(f"  (waited {waited:.0f} s for {args.lock})", flush=True)
             code, out, err, wall, peak = popen_rusage(
                 [sys.executable, "-m", "ldmcli", "build-index", str(db.parent), "--json", "--quiet",
-                 "--max-memory", f"{ram_gb * 0.9:.1f}", *args.build_args.split()],  # the RAM present (others hold the lock, not MemAvailable)
+                 "--max-memory", f"{ram_gb * 0.9:.1f}", *extra],  # the RAM present (others hold the lock)
                 {**env, "LDM_HOME": str(home)})
-            if code != 0:
-                print(f"N={n:,}: build failed (exit {code}): {err.strip()[-2000:]}")
-                break
-            built = json.loads(out)
-            qcode, qout, qerr, _, qpeak = popen_rusage(
-                [sys.executable, __file__, "--query-child", str(home), str(db.parent), str(args.queries)], env)
+        if code != 0:
+            print(f"N={n:,}: build failed (exit {code}): {err.strip()[-2000:]}")
+            break
+        built = json.loads(out)
+        # the query check holds the whole searcher in RAM: under the lock when that is big
+        big_query = built["searcher_bytes"] > 3.5e9
+        with big_memory_lock(args.lock if big_query else None, wait=args.lock_wait) as waited:
+            if waited is None:
+                qcode, qout, qerr = 1, "", f"not run: {args.lock} still held after {args.lock_wait:.0f} s"
+            else:
+                qcode, qout, qerr, _, _ = popen_rusage(
+                    [sys.executable, __file__, "--query-child", str(home), str(db.parent), str(args.queries)], env)
         query = json.loads(qout) if qcode == 0 else {}
         if qcode != 0:
             print(f"  query check failed: {qerr.strip()[-1000:]}")
