@@ -306,3 +306,184 @@ def test_from_images_without_images_is_usage_error(cli, tmp_path):
     r = cli("build-index", "mine", "--from-images", tmp_path / "empty")
     assert r.exit_code == 2, r
     assert "no images" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------- bounded-memory builds
+
+
+def test_chunked_normalisation_to_file_equals_in_memory(tmp_path):
+    from ldmcli.retrieval.database import ShardedRows, normalize_to_file, normalized
+
+    x = clustered(1000, seed=3)
+    x[17] = 0.0  # a zero row stays zero
+    expected = x / np.where(np.linalg.norm(x, axis=1, keepdims=True) > 0, np.linalg.norm(x, axis=1, keepdims=True), 1)
+    seen = []
+    out = normalize_to_file(x, tmp_path / "n.f32", chunk=96, callback=lambda *a: seen.append(a))
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(out, normalized(x, chunk=1000))
+    assert seen[-1] == ("normalize", 1000, 1000) and len(seen) == 11
+    # a float16 database read through a view over its shards: converted one chunk at a time, same result
+    make_db(tmp_path / "db16", x.astype(np.float16), shards=3)
+    db = load_database(tmp_path / "db16")
+    assert isinstance(db.embedding, ShardedRows) and db.embedding.dtype == np.float16
+    out16 = normalize_to_file(db.embedding, tmp_path / "n16.f32", chunk=77)
+    np.testing.assert_array_equal(out16, normalized(x.astype(np.float16).astype(np.float32)))
+
+
+def test_sharded_rows_index_like_one_array(tmp_path):
+    x = clustered(100)
+    make_db(tmp_path / "db", x, shards=3)
+    rows = load_database(tmp_path / "db").embedding
+    assert rows.shape == (100, 32) and len(rows) == 100
+    idx = np.array([[0, 33, 99], [34, 67, 66]])
+    np.testing.assert_array_equal(rows[idx], x[idx])
+    np.testing.assert_array_equal(rows[20:80], x[20:80])
+    np.testing.assert_array_equal(rows[::7], x[::7])
+    np.testing.assert_array_equal(rows[-1], x[-1])
+    with pytest.raises(IndexError):
+        rows[np.array([100])]
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_nonfinite_embeddings_are_named_before_building(cli, value):
+    x = clustered(300)
+    x[[5, 250], 3] = value
+    make_db(db_home("nan"), x, shards=2)
+    r = cli("build-index", "nan", "--quiet")
+    assert r.exit_code == 2, r
+    assert len(r.stderr.strip().splitlines()) == 1, r
+    assert "2 of 300 embedding rows with NaN or infinite values (row 5, 250)" in r.stderr
+    assert not paths.searchers_dir().exists() or not list(paths.searchers_dir().iterdir())  # temp folder removed
+
+
+def test_sharded_searcher_returns_the_exact_merge_of_its_shards(cli):
+    import scann
+
+    from ldmcli.retrieval.searcher import ShardedSearcher, load_searcher, merge_top_k
+
+    x = clustered(3000, seed=5)
+    make_db(db_home("sharded"), x, shards=2)
+    r = cli("build-index", "sharded", "--shard-rows", "1100", "--brute-force-below", "500", "--tree-from", "10000",
+            "--queries", "200", "--quiet", "--json")
+    assert r.exit_code == 0, r
+    report = json.loads(r.stdout)
+    assert [(s["path"], s["start"], s["rows"]) for s in report["shards"]] == \
+        [("shard-000", 0, 1000), ("shard-001", 1000, 1000), ("shard-002", 2000, 1000)]
+    assert report["met"] and report["plan"]["kind"] == "ah"
+    folder = paths.searchers_dir() / "sharded"
+    searcher, meta = load_searcher(folder, expected_rows=3000)
+    assert isinstance(searcher, ShardedSearcher) and meta["reorder_dtype"] == report["reorder_dtype"]
+    q = clustered(50, seed=6)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    idx, dist = searcher.search_batched(q, final_num_neighbors=10)
+    parts = []
+    for shard in report["shards"]:  # each shard on its own, through plain ScaNN
+        s = scann.scann_ops_pybind.load_searcher(str(folder / shard["path"]))
+        i, d = s.search_batched(q, final_num_neighbors=10)
+        parts.append((np.asarray(i, dtype=np.int64) + shard["start"], np.asarray(d)))
+    ref_idx, ref_dist = merge_top_k(parts, 10)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_array_equal(dist, ref_dist)
+    assert np.all(np.diff(dist, axis=1) <= 0)
+    data = x / np.linalg.norm(x, axis=1, keepdims=True)
+    np.testing.assert_allclose(dist, np.take_along_axis(q @ data.T, idx, axis=1), atol=2e-2)  # scores are dot products
+    found = Retriever.open("sharded").search(q, 10)
+    np.testing.assert_array_equal(found.indices, idx)
+    assert recall_at_k(idx, exact_search(data, q, 10)) >= 0.9
+
+
+def test_brute_force_shards_merge_to_exact_search(tmp_path):
+    x = clustered(900, seed=8)
+    make_db(db_home("bf"), x, shards=1)
+    report = build_index(load_database(db_home("bf")), options=SearcherOptions(shard_rows=250, n_queries=50))
+    assert len(report.shards) == 4 and report.recall == 1.0 and report.reorder_dtype is None
+    q = clustered(20, seed=9)
+    data = x / np.linalg.norm(x, axis=1, keepdims=True)
+    found = Retriever.open("bf").search(q, 7)
+    np.testing.assert_array_equal(found.indices, exact_search(data, q / np.linalg.norm(q, axis=1, keepdims=True), 7))
+
+
+def test_plain_scann_gets_the_tuned_defaults(cli):
+    """The saved ScaNN config carries the tuned reordering depth and leaves: plain ScaNN (as upstream's knn2img
+    loads it) finds what ldm finds."""
+    import scann
+    from scann.proto import scann_pb2
+
+    x = clustered(4000, dim=64, clusters=40, seed=11, spread=0.9)
+    make_db(db_home("plain"), x)
+    r = cli("build-index", "plain", "--brute-force-below", "1000", "--tree-from", "2000", "--reorder", "10",
+            "--reorder-type", "float32", "--queries", "300", "--quiet", "--json")
+    assert r.exit_code == 0, r
+    report = json.loads(r.stdout)
+    assert report["met"] and report["reorder_dtype"] == "float32" and len(report["shards"]) == 1
+    assert (report["pre_reorder_num_neighbors"], report["leaves_to_search"]) != (10, report["plan"]["leaves_to_search"])
+    folder = paths.searchers_dir() / "plain"
+    config = scann_pb2.ScannConfig.FromString((folder / "scann_config.pb").read_bytes())
+    assert config.exact_reordering.approx_num_neighbors == report["pre_reorder_num_neighbors"]
+    assert config.partitioning.query_spilling.max_spill_centers == report["leaves_to_search"]
+    found = Retriever.open("plain").search(clustered(200, dim=64, clusters=40, seed=12, spread=0.9), 10)
+    q = found.queries  # the unit-norm queries ldm searched with
+    plain_idx, _ = scann.scann_ops_pybind.load_searcher(str(folder)).search_batched(q, final_num_neighbors=10)
+    np.testing.assert_array_equal(np.asarray(plain_idx), found.indices)
+    exact = exact_search(x / np.linalg.norm(x, axis=1, keepdims=True), q, 10)
+    assert recall_at_k(np.asarray(plain_idx), exact) >= 0.9
+
+
+def test_smallest_reordering_type_meeting_the_target_is_kept():
+    x = clustered(2500, seed=13)
+    make_db(db_home("types"), x)
+    report = build_index(load_database(db_home("types")),
+                         options=SearcherOptions(brute_force_below=1000, n_queries=200, trial_rows=1500))
+    trials = report.dtype_trials
+    screened = [t for t in trials if t["rows"] == 1500]  # smaller types first screened on 1500 rows
+    full = [t for t in trials if t["rows"] == 2500]
+    assert [t["reorder_dtype"] for t in screened] == ["int8", "bfloat16"] and len(screened) + len(full) == len(trials)
+    candidates = [t["reorder_dtype"] for t in screened if t["met"]] + ["float32"]
+    assert [t["reorder_dtype"] for t in full] == candidates[: len(full)]  # smallest first, stop at the first met
+    assert all(not t["met"] for t in full[:-1]) and (full[-1]["met"] or full[-1]["reorder_dtype"] == "float32")
+    assert report.reorder_dtype == full[-1]["reorder_dtype"] and report.met
+    files = {p.name for p in (paths.searchers_dir() / "types").iterdir()}
+    assert ("int8_dataset.npy" in files) == (report.reorder_dtype == "int8")
+    assert ("dataset.npy" in files) == (report.reorder_dtype == "float32")
+
+
+def test_memory_estimate_and_refusal(cli, monkeypatch):
+    from ldmcli.retrieval import searcher as searcher_mod
+    from ldmcli.retrieval.searcher import BASE_BYTES, SHARD_FACTOR, check_memory, estimate_build_memory
+
+    one = estimate_build_memory(3_500_000, 768, 3_500_000)
+    sharded = estimate_build_memory(3_500_000, 768, 1_000_000)
+    assert one == pytest.approx(BASE_BYTES + SHARD_FACTOR * 3_500_000 * 768 * 4, rel=0.03)
+    assert sharded == pytest.approx(BASE_BYTES + SHARD_FACTOR * 875_000 * 768 * 4, rel=0.03)  # 4 equal shards
+    assert sharded <= 1.5 * 3_500_000 * 768 * 4  # OpenImages' size fits the target at the default shard size
+    monkeypatch.setattr(searcher_mod, "available_memory", lambda: 2_000_000_000)
+    with pytest.raises(UsageError, match=r"needs about 44\.0 GB of RAM but 2\.0 GB is available; shards of at most "):
+        check_memory(3_500_000, 768, SearcherOptions(shard_rows=3_500_000))
+    fits = int(str(pytest.raises(UsageError, check_memory, 3_500_000, 768,
+                                 SearcherOptions(shard_rows=3_500_000)).value).split("at most ")[1].split()[0]
+               .replace(",", ""))
+    assert check_memory(3_500_000, 768, SearcherOptions(shard_rows=fits))[0] <= 2_000_000_000
+    make_db(db_home("small"), clustered(300))
+    r = cli("build-index", "small", "--max-memory", "0.5")
+    assert r.exit_code == 2, r
+    assert len(r.stderr.strip().splitlines()) == 1 and "but 0.5 GB is available" in r.stderr
+    assert "not even small shards fit" in r.stderr
+    monkeypatch.setattr(searcher_mod, "available_memory", lambda: 100_000_000)
+    r = cli("build-index", "small")
+    assert r.exit_code == 2 and "needs about 0.9 GB of RAM but 0.1 GB is available" in r.stderr, r
+    assert not paths.searchers_dir().exists() or not list(paths.searchers_dir().iterdir())
+
+
+def test_searcher_saved_by_upstream_train_searcher_loads():
+    """A folder ScaNN serialised without ldm_searcher.json (as upstream's train_searcher.py writes) loads as is."""
+    from ldmcli.retrieval.searcher import SearcherPlan, build_scann, searcher_dir
+
+    x = clustered(1500, seed=14)
+    make_db(db_home("up"), x)
+    data = x / np.linalg.norm(x, axis=1, keepdims=True)
+    searcher = build_scann(data, SearcherPlan("ah", 10, 40, 0.2, 2))
+    searcher_dir("up").mkdir(parents=True)
+    searcher.serialize(str(searcher_dir("up")))
+    retriever = Retriever.open("up", build_below=100)
+    assert retriever.defaults == {}
+    assert recall_at_k(retriever.search(x[:20], 5).indices, exact_search(data, data[:20], 5)) >= 0.9

@@ -1,47 +1,31 @@
 """``ldm build-index``: a ScaNN searcher for a retrieval database, tuned to a recall target; optionally the database
-itself, embedded with CLIP from a folder of images."""
+itself, embedded with CLIP from a folder of images. The work is :func:`ldmcli.retrieval.build.run_build_index`."""
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from ldmcli.commands._common import is_interactive, stderr_console
-from ldmcli.errors import UsageError
+from ldmcli.retrieval.build import PHASES, Message, Phase  # PHASES is imported from here by commands/knn2img.py
 
-PHASES = {
-    "download": "downloading",
-    "load": "loading database",
-    "embed": "embedding images with CLIP",
-    "normalize": "normalising embeddings",
-    "train": "training ScaNN searcher",
-    "exact": "exact search for held-out queries",
-    "tune": "tuning recall",
-    "save": "saving searcher",
-    "sample": "sampling",
-}
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+__all__ = ["PHASES", "PhaseProgress", "build_index_command", "register"]
 
 
 class PhaseProgress:
-    """Renders ``callback(phase, done, total)`` on stderr: rich bars on a terminal, one line per phase otherwise.
-
-    Bars are refreshed only from the callback (no background thread), so nothing is drawn while native code runs."""
+    """Renders build events on stderr: rich bars on a terminal, one line per phase otherwise (bars are refreshed
+    only from events, so nothing is drawn while native code runs). Also callable as ``(phase, done, total)``."""
 
     def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self.console = stderr_console()
-        self.interactive = is_interactive()
-        self.progress = None
+        self.enabled, self.console, self.progress = enabled, stderr_console(), None
         self.tasks: dict[str, int] = {}
         self.announced: set[str] = set()
 
     def __enter__(self) -> "PhaseProgress":
-        if self.enabled and self.interactive:
+        if self.enabled and is_interactive():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -53,6 +37,13 @@ class PhaseProgress:
         if self.progress is not None:
             self.progress.refresh()
             self.progress.stop()
+
+    def event(self, event: Phase | Message) -> None:
+        if isinstance(event, Message):
+            if event.warning or self.enabled:
+                self.console.print(f"ldm: {'warning: ' if event.warning else ''}{event.text}")
+        else:
+            self(event.name, event.done, event.total)
 
     def __call__(self, phase: str, done: int, total: int) -> None:
         if not self.enabled:
@@ -67,10 +58,6 @@ class PhaseProgress:
             self.announced.add(phase)
             self.console.print(f"ldm: {label}" + (f" ({total})" if total > 1 else ""))
 
-    def download(self, done: int, total: int | None, label: str) -> None:
-        """Adapter for the store's download progress ``(done, total, label)``."""
-        self("download", done, total or max(done, 1))
-
 
 def build_index_command(
     database: str = typer.Argument(..., help="openimages, artbench-<style>, a database name, or a folder of .npz "
@@ -84,6 +71,12 @@ def build_index_command(
     queries: int = typer.Option(1000, "--queries", min=1, help="Held-out queries for the recall measurement."),
     max_reorder: int = typer.Option(2048, "--max-reorder", min=1, help="Deepest reordering tried while tuning."),
     tune: bool = typer.Option(True, "--tune/--no-tune", help="Tune toward --target-recall (else upstream's values)."),
+    reorder_type: str = typer.Option("auto", "--reorder-type", help="Reordering data: int8, bfloat16, float32, or "
+                                     "auto (the smallest that reaches --target-recall)."),
+    shard_rows: int = typer.Option(1_000_000, "--shard-rows", min=1, help="Build in shards of at most this many "
+                                   "rows (bounds memory; queries merge the shards' top k exactly)."),
+    max_memory: Optional[float] = typer.Option(None, "--max-memory", show_default=False, help="GB the build may "
+                                               "use (default: the RAM available); a larger estimate is refused."),
     brute_force_below: int = typer.Option(20_000, "--brute-force-below", min=1,
                                           help="Brute-force search under this many points."),
     tree_from: int = typer.Option(100_000, "--tree-from", min=1,
@@ -112,65 +105,39 @@ def build_index_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
 ) -> None:
     """Build the ScaNN searcher of a retrieval database and report its recall@k against exact search."""
-    from ldmcli.retrieval.database import load_database, resolve_database
-    from ldmcli.retrieval.searcher import SearcherOptions, build_index
+    from ldmcli.errors import UsageError
+    from ldmcli.retrieval.build import IndexRequest, run_build_index
+    from ldmcli.retrieval.searcher import SearcherOptions
 
-    if not 0.0 < target_recall <= 1.0:
-        raise UsageError("--target-recall must be in (0, 1]")
-    if not 0.0 <= anisotropic_threshold or anisotropic_threshold != anisotropic_threshold:
-        raise UsageError("--anisotropic-threshold must be a number >= 0")
-    if leaves_to_search is not None and num_leaves is not None and leaves_to_search > num_leaves:
-        raise UsageError("--leaves-to-search cannot exceed --num-leaves")
-    options = SearcherOptions(knn=knn, brute_force_below=brute_force_below, tree_from=tree_from, num_leaves=num_leaves,
-                              leaves_to_search=leaves_to_search, training_sample_size=training_sample_size,
-                              reorder=reorder, anisotropic_threshold=anisotropic_threshold,
-                              dims_per_block=dims_per_block, spherical=spherical, target_recall=target_recall, recall_k=recall_k,
-                              n_queries=queries, max_reorder=max_reorder, tune=tune, seed=seed)
+    if max_memory is not None and not max_memory > 0:
+        raise UsageError("--max-memory must be a number of GB above 0")
+    options = SearcherOptions(
+        knn=knn, brute_force_below=brute_force_below, tree_from=tree_from, num_leaves=num_leaves,
+        leaves_to_search=leaves_to_search, training_sample_size=training_sample_size, reorder=reorder,
+        anisotropic_threshold=anisotropic_threshold, dims_per_block=dims_per_block, spherical=spherical,
+        target_recall=target_recall, recall_k=recall_k, n_queries=queries, max_reorder=max_reorder, tune=tune,
+        seed=seed, reorder_dtype=reorder_type, shard_rows=shard_rows,
+        memory_limit=None if max_memory is None else int(max_memory * 1e9))
+    request = IndexRequest(database, options, from_images=from_images, clip_path=clip_path, device=device,
+                           batch_size=batch_size, shard_size=shard_size)
     with PhaseProgress(enabled=not quiet) as progress:
-        if from_images is not None:
-            from ldmcli.devices import pick_device
-            from ldmcli.models.clip import ClipEncoder
-            from ldmcli.retrieval.embed import embed_image_folder, list_images
-
-            if not NAME_RE.match(database):
-                raise UsageError(f"--from-images: '{database}' is not a valid database name (letters, digits, . _ -)")
-            list_images(from_images)  # fails fast on a missing or empty folder
-            dev = pick_device(device)
-            clip = ClipEncoder.from_pretrained(clip_path, device=dev) if clip_path is not None else \
-                ClipEncoder.from_pretrained(_store_clip(progress), device=dev)
-            folder = embed_image_folder(from_images, database, clip, batch_size=batch_size, shard_size=shard_size,
-                                        callback=progress)
-            name = database
-        else:
-            name, folder = resolve_database(database, progress=progress.download)
-        db = load_database(folder, name=name, callback=progress)
-        report = build_index(db, options=options, callback=progress)
+        report, folder = run_build_index(request, on_event=progress.event)
 
     if as_json:
         typer.echo(json.dumps({**report.to_json(), "database_path": str(folder)}, indent=2))
         return
     where = {"brute_force": "brute force", "ah": "asymmetric hashing + reordering",
              "tree_ah": "tree + asymmetric hashing + reordering"}[report.plan["kind"]]
-    settings = []
-    if report.pre_reorder_num_neighbors is not None:
-        settings.append(f"reordering {report.pre_reorder_num_neighbors}")
+    settings = [f"{report.reorder_dtype} reordering {report.pre_reorder_num_neighbors}"] \
+        if report.pre_reorder_num_neighbors is not None else []
     if report.leaves_to_search is not None:
         settings.append(f"{report.leaves_to_search} of {report.plan['num_leaves']} leaves searched")
-    typer.echo(f"searcher for '{report.database}' ({report.n} points, {report.dim}-d, {where}) saved to {report.path}")
+    shards = f", {len(report.shards)} shards" if len(report.shards) > 1 else ""
+    typer.echo(f"searcher for '{report.database}' ({report.n} points, {report.dim}-d, {where}{shards}) saved to "
+               f"{report.path} ({report.searcher_bytes / 1e9:.2f} GB, about the RAM it takes to query)")
     typer.echo(f"recall@{report.recall_k} against exact search on {report.n_queries} held-out queries: "
-              f"{report.recall:.3f} (target {report.target_recall:g})"
-              + (f" with {', '.join(settings)}" if settings else ""))
-    if not report.met:
-        stderr_console().print(
-            f"ldm: warning: could not reach recall@{report.recall_k} {report.target_recall:g}; the searcher keeps the "
-            f"best setting found ({report.recall:.3f}). Try a larger --max-reorder or --num-leaves.")
-
-
-def _store_clip(progress: PhaseProgress) -> Path:
-    from ldmcli import store
-    from ldmcli.models.clip import CLIP_ASSET
-
-    return store.ensure(CLIP_ASSET, progress=progress.download)
+               f"{report.recall:.3f} (target {report.target_recall:g})"
+               + (f" with {', '.join(settings)}" if settings else ""))
 
 
 def register(app: typer.Typer) -> None:

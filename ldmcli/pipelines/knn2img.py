@@ -18,8 +18,6 @@ from ldmcli.sampling import SamplerSettings
 
 DEFAULT_MODEL = "rdm768x768"
 CLIP_ASSET = "clip-vit-large-patch14"
-PHASES = {"load": "loading database", "normalize": "normalising embeddings", "train": "training ScaNN searcher",
-          "exact": "exact search for held-out queries", "tune": "tuning recall", "save": "saving searcher"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,7 +144,7 @@ def run(request: Knn2ImgRequest, on_event: EventHandler = ignore) -> gen.Generat
     from ldmcli.models.clip import ClipEncoder, resolve_clip_dir
     from ldmcli.retrieval.conditioning import RdmConditioner
     from ldmcli.retrieval.database import inspect_database, load_database, resolve_database
-    from ldmcli.retrieval.searcher import BRUTE_FORCE_BELOW, Retriever, searcher_dir
+    from ldmcli.retrieval.searcher import BRUTE_FORCE_BELOW, Retriever, has_searcher, searcher_dir
 
     checked = check(request)
     source, db_name, db_folder = checked.source, checked.db_name, checked.db_folder
@@ -161,6 +159,8 @@ def run(request: Knn2ImgRequest, on_event: EventHandler = ignore) -> gen.Generat
     def phase(name: str, done: int, total: int) -> None:
         if name not in seen:
             seen.add(name)
+            from ldmcli.retrieval.build import PHASES
+
             on_event(Message(PHASES.get(name, name)))
 
     with gen.distributed(dev) as env:
@@ -177,7 +177,7 @@ def run(request: Knn2ImgRequest, on_event: EventHandler = ignore) -> gen.Generat
             if request.knn > len(info):
                 raise RequestError("knn", f"knn {request.knn} is larger than database '{db_name}' "
                                    f"({len(info)} points)")
-            if not (searcher_dir(db_name) / "scann_config.pb").is_file() and len(info) >= BRUTE_FORCE_BELOW:
+            if not has_searcher(searcher_dir(db_name)) and len(info) >= BRUTE_FORCE_BELOW:
                 raise UsageError(f"database '{db_name}' has {len(info)} points and no searcher; build one first "
                                  f"with 'ldm build-index {db_name}'")
             db = load_database(db_folder, name=db_name, expected_dim=dim, callback=phase)

@@ -2,12 +2,16 @@
 patches in upstream's ``.npz`` format.
 
 Each ``.npz`` holds ``embedding`` ``[N, D]``, ``img_id`` ``[N]`` and ``patch_coords`` ``[N, ...]``; a database is one
-file or a folder of shards, concatenated in sorted file order. Nothing is held twice in memory: a single uncompressed
-file is memory-mapped straight out of the zip archive; shards are streamed one by one into one preallocated array.
+file or a folder of shards, concatenated in sorted file order. Nothing is held twice in memory: an uncompressed
+member is memory-mapped straight out of the zip archive (compressed ones are read whole, one shard at a time), and a
+folder of shards is one row-indexable view over the shards' arrays (:class:`ShardedRows`), not a concatenated copy.
+Embeddings keep their stored dtype (float16 stays float16); passes over the whole database (:func:`normalize_to_file`)
+convert one chunk at a time.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import zipfile
@@ -184,46 +188,182 @@ def inspect_database(source: str | os.PathLike, *, name: str | None = None,
     return DatabaseInfo(name, files, sizes, dim, headers)
 
 
+class ShardedRows:
+    """The ``embedding`` arrays of several shards seen as one ``[N, D]`` array without concatenating them: ``len``,
+    ``shape``, ``dtype``, rows by int, slice or integer array (any shape), and ``np.asarray`` (which does copy)."""
+
+    def __init__(self, parts: list[np.ndarray]) -> None:
+        self.parts = parts
+        self.starts = np.cumsum([0] + [p.shape[0] for p in parts])
+        self.dtype = np.result_type(*(p.dtype for p in parts))
+        self.shape = (int(self.starts[-1]), int(parts[0].shape[1]))
+        self.ndim = 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.concatenate([np.asarray(p) for p in self.parts]).astype(self.dtype, copy=False)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def _take(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.where(rows < 0, rows + len(self), rows)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"row index out of range for {len(self)} rows")
+        flat = rows.reshape(-1)
+        out = np.empty((flat.size, self.shape[1]), dtype=self.dtype)
+        which = np.searchsorted(self.starts, flat, side="right") - 1
+        for i in np.unique(which):
+            sel = np.nonzero(which == i)[0]
+            out[sel] = self.parts[i][flat[sel] - self.starts[i]]
+        return out.reshape(*rows.shape, self.shape[1])
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            rows = self[key[0]]
+            return rows[(Ellipsis, *key[1:])]
+        if isinstance(key, slice):
+            a, b, step = key.indices(len(self))
+            if step == 1:  # contiguous rows: copy shard by shard, no index array
+                parts = []
+                for i, part in enumerate(self.parts):
+                    lo, hi = max(a, self.starts[i]), min(b, self.starts[i + 1])
+                    if lo < hi:
+                        parts.append(np.asarray(part[lo - self.starts[i]: hi - self.starts[i]], dtype=self.dtype))
+                return np.concatenate(parts) if parts else np.empty((0, self.shape[1]), self.dtype)
+            return self._take(np.arange(a, b, step))
+        if np.isscalar(key):
+            return self._take(np.asarray([key]))[0]
+        return self._take(np.asarray(key, dtype=np.int64))
+
+
+def iter_rows(embedding, chunk: int = 65536):
+    """``(start, float32 block)`` over the rows of an embedding array (memmap, array or :class:`ShardedRows`), one
+    chunk at a time: at most ``chunk`` rows are converted to float32 at once (a float16 database is never copied
+    whole to float32)."""
+    for start in range(0, embedding.shape[0], chunk):
+        block = np.array(embedding[start: start + chunk], dtype=np.float32)
+        release_pages(embedding)
+        yield start, block
+
+
+def release_pages(array) -> None:
+    """Drop the pages of a memory-mapped array (or of each part of a :class:`ShardedRows`) from this process's
+    resident memory; the data stays in the page cache and is read back on the next access. Without this, a pass
+    over a large memory-mapped database leaves all of it counted in the resident set."""
+    for part in getattr(array, "parts", [array]):
+        mm = getattr(part, "_mmap", None)
+        if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                mm.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError):
+                pass
+
+
 def load_database(source: str | os.PathLike, *, name: str | None = None, expected_dim: int | None = None,
                   mmap: bool = True, callback: Progress | None = None) -> Database:
     """Load a database folder (or one ``.npz``) without holding two copies of the embeddings.
 
     The headers of every shard are checked first (:func:`inspect_database`), so a bad file fails before any data
-    is read.
+    is read. One file gives its (memory-mapped) array; several give a :class:`ShardedRows` view over theirs.
     """
     info = inspect_database(source, name=name, expected_dim=expected_dim)
-    files, headers, sizes, dim, name = info.files, info.headers, info.sizes, info.dim, info.name
-    total = sum(sizes)
-    if len(files) == 1:
+    files, headers, sizes, name = info.files, info.headers, info.sizes, info.name
+    parts = []
+    for i, (path, members) in enumerate(zip(files, headers)):
         if callback is not None:
-            callback("load", 0, 1)
-        embedding = _load_member(files[0], headers[0]["embedding"], mmap=mmap)
-        if callback is not None:
-            callback("load", 1, 1)
-    else:
-        dtype = np.result_type(*(h["embedding"].dtype for h in headers))
-        embedding = np.empty((total, dim), dtype=dtype)
-        row = 0
-        for i, (path, members) in enumerate(zip(files, headers)):
-            if callback is not None:
-                callback("load", i, len(files))
-            shard = _load_member(path, members["embedding"], mmap=True)
-            embedding[row: row + shard.shape[0]] = shard
-            row += shard.shape[0]
-            del shard
-        if callback is not None:
-            callback("load", len(files), len(files))
+            callback("load", i, len(files))
+        parts.append(_load_member(path, members["embedding"], mmap=mmap))
+    if callback is not None:
+        callback("load", len(files), len(files))
+    embedding = parts[0] if len(parts) == 1 else ShardedRows(parts)
     return Database(name=name, files=files, embedding=embedding, _shard_sizes=sizes)
 
 
-def normalized(embedding: np.ndarray, *, chunk: int = 65536) -> np.ndarray:
-    """Rows divided by their L2 norm, as float32 (one new array, filled chunk by chunk)."""
+def _nonfinite_message(rows: list[int], count: int, total: int, name: str) -> str:
+    shown = ", ".join(str(r) for r in rows) + (", ..." if count > len(rows) else "")
+    return (f"database '{name}' has {count} of {total} embedding rows with NaN or infinite values (row {shown}); "
+            f"remove or re-embed them")
+
+
+def _bad_rows(block: np.ndarray, start: int, found: list[int]) -> int:
+    rows = np.nonzero(~np.isfinite(block).all(axis=1))[0]
+    found.extend((rows[: max(0, 5 - len(found))] + start).tolist())
+    return len(rows)
+
+
+def check_finite(embedding, *, name: str = "database", chunk: int = 65536) -> None:
+    """UsageError naming the rows that hold NaN or infinity (one pass, one float32 chunk at a time)."""
+    found: list[int] = []
+    count = sum(_bad_rows(block, start, found) for start, block in iter_rows(embedding, chunk))
+    if count:
+        raise UsageError(_nonfinite_message(found, count, embedding.shape[0], name))
+
+
+def _normalize_block(block: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    norms = np.linalg.norm(block, axis=1, keepdims=True)
+    return np.divide(block, np.where(norms > 0, norms, 1.0), out=block if out is None else out)
+
+
+def normalized(embedding, *, chunk: int = 65536) -> np.ndarray:
+    """Rows divided by their L2 norm, as one new in-memory float32 array filled chunk by chunk (for small
+    databases; :func:`normalize_to_file` bounds memory for large ones)."""
     out = np.empty(embedding.shape, dtype=np.float32)
-    for start in range(0, embedding.shape[0], chunk):
-        block = np.asarray(embedding[start: start + chunk], dtype=np.float32)
-        norms = np.linalg.norm(block, axis=1, keepdims=True)
-        np.divide(block, np.where(norms > 0, norms, 1.0), out=out[start: start + chunk])
+    for start, block in iter_rows(embedding, chunk):
+        _normalize_block(block, out=out[start: start + chunk])
     return out
+
+
+def normalize_to_file(embedding, path: str | os.PathLike, *, name: str = "database", chunk: int = 65536,
+                      callback: Progress | None = None) -> np.memmap:
+    """Write the rows divided by their L2 norm as a raw float32 file at ``path``, one chunk at a time (at most
+    ``chunk`` rows in float32 in memory), and return it memory-mapped read-only; equal to :func:`normalized`.
+    Rows with NaN or infinity are a UsageError naming them, raised after the pass; the partial file is removed."""
+    path = Path(path)
+    n, dim = embedding.shape
+    found: list[int] = []
+    count = 0
+    try:
+        with open(path, "wb") as f:
+            for start, block in iter_rows(embedding, chunk):
+                count += _bad_rows(block, start, found)
+                if not count:
+                    f.write(_normalize_block(block).tobytes())
+                if callback is not None:
+                    callback("normalize", min(start + chunk, n), n)
+        if count:
+            raise UsageError(_nonfinite_message(found, count, n, name))
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return np.memmap(path, dtype=np.float32, mode="r", shape=(n, dim))
+
+
+class RowFile:
+    """Rows ``[start, start + N)`` of a raw float32 ``[*, D]`` file, read by plain file reads (the page cache holds
+    them, not this process's resident memory): ``shape``, ``len`` and contiguous slices, for passes over a large file
+    such as exact search."""
+
+    def __init__(self, path: str | os.PathLike, shape: tuple[int, int], start: int = 0) -> None:
+        self.path = Path(path)
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.start = int(start)
+        self.dtype = np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def rows(self, start: int, stop: int) -> "RowFile":
+        """The rows ``[start, stop)`` of this view."""
+        return RowFile(self.path, (stop - start, self.shape[1]), self.start + start)
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("RowFile reads contiguous row slices only")
+        a, b, _ = key.indices(len(self))
+        with open(self.path, "rb") as f:
+            f.seek((self.start + a) * self.shape[1] * 4)
+            return np.fromfile(f, dtype=np.float32, count=max(0, b - a) * self.shape[1]).reshape(-1, self.shape[1])
 
 
 def resolve_database(spec: str | os.PathLike, *, fetch: bool = True, progress=None) -> tuple[str, Path]:
