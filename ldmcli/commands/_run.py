@@ -57,3 +57,28 @@ def run_generation(renderer: Renderer, outdir: Path, work: Any) -> Any:
         raise
     summary(renderer, outdir, result.seconds, result.seed)
     return result
+
+
+def finish_batch(report: Any, *, total: int, noun: str, as_json: bool, quiet: bool) -> None:
+    """The end of a batch run over input files (inpaint, upscale): the ``--json`` report or a summary line, then
+    exit 1 naming how many inputs failed (each was reported as it happened)."""
+    import json
+
+    import typer
+
+    from ldmcli.commands._common import stderr_console
+    from ldmcli.errors import LdmError
+
+    if as_json:
+        typer.echo(json.dumps({
+            "written": report.written,
+            "skipped": [str(item.output) for item in report.skipped],
+            "failed": [{"path": str(p.path), "error": p.message} for p in report.failed],
+            "seed": report.seed,
+        }, indent=2))
+    elif not quiet and (report.written or report.skipped or report.failed):
+        summary = f"ldm: {len(report.written)} written, {len(report.skipped)} skipped"
+        stderr_console().print(summary + (f", {len(report.failed)} failed" if report.failed else "") +
+                               f" (seed {report.seed})", markup=False, highlight=False, soft_wrap=True)
+    if report.failed:
+        raise LdmError(f"{len(report.failed)} of {total} {noun}{'s' if total != 1 else ''} failed (reported above)")

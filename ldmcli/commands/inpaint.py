@@ -15,8 +15,8 @@ import typer
 
 from ldmcli.commands._common import stderr_console
 from ldmcli.commands._render import Renderer
-from ldmcli.commands._run import options
-from ldmcli.errors import LdmError, UsageError
+from ldmcli.commands._run import finish_batch, options
+from ldmcli.errors import UsageError
 
 DEFAULT_MODEL = "inpainting_big"
 FLAGS = {"steps": "--steps", "eta": "--eta", "sampler": "--sampler", "seed": "--seed", "output": "-o",
@@ -88,21 +88,7 @@ def inpaint_command(
             precision=precision, overwrite=overwrite)
         with Renderer(quiet=quiet) as renderer:
             report = inpaint.run(request, renderer)
-    if as_json:
-        typer.echo(json.dumps({
-            "written": report.written,
-            "skipped": [str(p.output) for p in report.skipped],
-            "failed": [{"path": str(p.path), "error": p.message} for p in report.failed],
-            "seed": report.seed,
-        }, indent=2))
-    elif not quiet and (report.written or report.skipped or report.failed):
-        summary = f"ldm: {len(report.written)} written, {len(report.skipped)} skipped"
-        stderr_console().print(summary + (f", {len(report.failed)} failed" if report.failed else "") +
-                               f" (seed {report.seed})", markup=False, highlight=False, soft_wrap=True)
-    if report.failed:
-        total = report.pairs
-        raise LdmError(f"{len(report.failed)} of {total} pair{'s' if total != 1 else ''} failed (reported above)")
-
+    finish_batch(report, total=report.pairs, noun="pair", as_json=as_json, quiet=quiet)
 
 def register(app: typer.Typer) -> None:
     app.command("inpaint")(inpaint_command)

@@ -7,16 +7,14 @@ DIR`` (resumable: outputs that exist are skipped unless ``--overwrite``).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from ldmcli.commands._common import stderr_console
 from ldmcli.commands._render import Renderer
-from ldmcli.commands._run import options
-from ldmcli.errors import LdmError, UsageError
+from ldmcli.commands._run import finish_batch, options
+from ldmcli.errors import UsageError
 from ldmcli.pipelines import events as ev
 
 DEFAULT_MODEL = "bsr_sr"
@@ -98,21 +96,7 @@ def upscale_command(
             patch_batch=patch_batch, device=device, precision=precision, overwrite=overwrite)
         with UpscaleRenderer(quiet=quiet) as renderer:
             report = upscale.run(request, renderer)
-    if as_json:
-        typer.echo(json.dumps({
-            "written": report.written,
-            "skipped": [str(job.output) for job in report.skipped],
-            "failed": [{"path": str(p.path), "error": p.message} for p in report.failed],
-            "seed": report.seed,
-        }, indent=2))
-    elif not quiet and (report.written or report.skipped or report.failed):
-        summary = f"ldm: {len(report.written)} written, {len(report.skipped)} skipped"
-        stderr_console().print(summary + (f", {len(report.failed)} failed" if report.failed else "") +
-                               f" (seed {report.seed})", markup=False, highlight=False, soft_wrap=True)
-    if report.failed:
-        total = report.inputs
-        raise LdmError(f"{len(report.failed)} of {total} image{'s' if total != 1 else ''} failed (reported above)")
-
+    finish_batch(report, total=report.inputs, noun="image", as_json=as_json, quiet=quiet)
 
 def register(app: typer.Typer) -> None:
     app.command("upscale")(upscale_command)
