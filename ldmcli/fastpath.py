@@ -366,10 +366,12 @@ class StagePlan:
 #: (txt2img-f8-large at 256x256, ``benchmarks/unet_step.py`` and ``benchmarks/txt2img_e2e.py``; README "Speed").
 #: Kinds not listed take ``_CPU_DEFAULT``. CPU time against contiguous unpacked, 1 thread (channels_last alone,
 #: channels_last + packed): AVX512-BF16 UNet fp32 1.02, 0.75; bf16 1.01, 0.81; decoder fp32 0.96, 0.92; bf16 0.94,
-#: 0.91; emulated AVX2 decoder fp32 0.98, 0.96 (UNet: see the README). No kind measured so far wants another choice,
-#: so this table is empty; a kind that does gets an entry here, e.g.
-#: ``("avx2", "float32"): {"unet": StagePlan(True, True), "first_stage": StagePlan(False, False)}``.
-_CPU_PLANS: dict[tuple[str, str], dict[str, StagePlan]] = {}
+#: 0.91; emulated AVX2 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2) decoder fp32 0.98, 0.96, but a 3/4-width
+#: UNet channels_last + packed 2.2-2.6x *slower* than plain: oneDNN's AVX2 path for the up blocks' packed 3x3
+#: convolutions over 1536-2048 channels at 4x4-8x8 takes 1.7-2.4 s a call. So AVX2 runs the plain layout.
+_CPU_PLANS: dict[tuple[str, str], dict[str, StagePlan]] = {
+    ("avx2", "float32"): {"unet": StagePlan(False, False), "first_stage": StagePlan(False, False)},
+}
 _CPU_DEFAULT = {"unet": StagePlan(True, True), "first_stage": StagePlan(True, True)}
 _OTHER_DEVICE = {"unet": StagePlan(False, False), "first_stage": StagePlan(False, False)}
 

@@ -445,7 +445,7 @@ def test_choose_plan_per_device_and_cpu_kind(tiny_txt2img, monkeypatch):
         bad = _conv_inputs_not_in(model.first_stage_model, torch.contiguous_format,
                                   lambda: fastpath.decode_latents(model, x))
     assert all(model.first_stage_model.get_submodule(name).kernel_size == (1, 1) for name in bad)
-    monkeypatch.setattr(fastpath, "_CPU_PLANS", {})
+    monkeypatch.undo()
 
     gpu = fastpath.choose_plan("cuda", torch.float16)
     assert gpu["unet"] == gpu["first_stage"] == fastpath.StagePlan(False, False)
@@ -454,7 +454,10 @@ def test_choose_plan_per_device_and_cpu_kind(tiny_txt2img, monkeypatch):
         for dtype in (torch.float32, torch.bfloat16):
             plan = fastpath.choose_plan("cpu", dtype, kind)
             assert set(plan) == {"unet", "first_stage"}
-            assert plan["unet"].channels_last and plan["unet"].pack == fastpath.mkldnn_available()
+            if key == "avx2" and dtype == torch.float32:  # measured: the plain layout is faster there
+                assert plan["unet"] == fastpath.StagePlan(False, False)
+            else:
+                assert plan["unet"].channels_last and plan["unet"].pack == fastpath.mkldnn_available()
 
 
 def test_resolve_precision_on_a_cpu_without_native_bf16(monkeypatch):
