@@ -5,7 +5,7 @@ Each variant is a fresh ``ldm txt2img`` process (load, BERT, sampling, decode, P
 times on the same prompt and seed; the wall times' medians and their ratio are printed with the CPU kind. The random
 checkpoint (6.2 GB, shared with ``txt2img_e2e.py``) is written once to ``--workdir``. Run from the repository root::
 
-    python benchmarks/txt2img_auto_vs_ddim.py --rounds 2
+    python benchmarks/txt2img_auto_vs_ddim.py --rounds 2     # after one untimed warm-up run
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ VARIANTS = {"auto": ["--sampler", "auto"], "ddim50": ["--sampler", "ddim", "--dd
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="/tmp/ldmcli_e2e")
-    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs first (the first read of the 6 GB "
+                    "checkpoint from disk costs minutes)")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the ldm processes")
     ap.add_argument("--quick", action="store_true", help="a tiny model of the same layout: a smoke run")
     args = ap.parse_args()
@@ -46,15 +48,18 @@ def main() -> None:
         env["OMP_NUM_THREADS"] = str(args.threads)
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     records: dict[str, dict] = {}
-    for _ in range(args.rounds):
+    for round_ in range(-args.warmup, args.rounds):
         for name, extra in VARIANTS.items():
+            if round_ < 0 and name != "auto":
+                continue
             out = workdir / f"out-{name}"
             cmd = [sys.executable, "-m", "ldmcli", "txt2img", "a painting of a virus monster playing guitar",
                    "--model", str(ckpt), "--n_samples", "1", "--seed", "0", "--skip-grid", "--scale", "5",
                    "--precision", "auto", "--device", "cpu", "--outdir", str(out), "--json", "--quiet", *extra]
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            times[name].append(time.perf_counter() - t0)
+            if round_ >= 0:
+                times[name].append(time.perf_counter() - t0)
             if proc.returncode != 0:
                 sys.exit(f"{name} failed: {proc.stderr[-2000:]}")
             records[name] = json.loads(proc.stdout.splitlines()[0])
