@@ -45,6 +45,12 @@ TileDecodeOption = Annotated[bool, typer.Option("--tile-decode", help="Decode in
                                                 "for f8 models) for images too big to decode at once; seams are "
                                                 "blended.")]
 
+# batch commands over input files: inpaint and upscale
+BatchConfigOption = Annotated[Optional[Path], typer.Option("--config", help="A config file (ours or upstream's YAML) "
+                                                           "instead of --model; needs --ckpt.", show_default=False)]
+BatchCkptOption = Annotated[Optional[Path], typer.Option("--ckpt", help="A checkpoint file (.ckpt or .safetensors).",
+                                                         show_default=False)]
+
 # text/CLIP-prompted generation: txt2img and knn2img
 PromptOption = Annotated[Optional[str], typer.Option("--prompt", help="The prompt (as upstream's script takes it).",
                                                      show_default=False)]

@@ -59,7 +59,7 @@ def run_generation(renderer: Renderer, outdir: Path, work: Any) -> Any:
     return result
 
 
-def finish_batch(report: Any, *, total: int, noun: str, as_json: bool, quiet: bool) -> None:
+def finish_batch(report: Any, *, noun: str, as_json: bool, quiet: bool) -> None:
     """The end of a batch run over input files (inpaint, upscale): the ``--json`` report or a summary line, then
     exit 1 naming how many inputs failed (each was reported as it happened)."""
     import json
@@ -81,4 +81,5 @@ def finish_batch(report: Any, *, total: int, noun: str, as_json: bool, quiet: bo
         stderr_console().print(summary + (f", {len(report.failed)} failed" if report.failed else "") +
                                f" (seed {report.seed})", markup=False, highlight=False, soft_wrap=True)
     if report.failed:
+        total = report.total
         raise LdmError(f"{len(report.failed)} of {total} {noun}{'s' if total != 1 else ''} failed (reported above)")

@@ -14,6 +14,7 @@ from typing import Optional
 import typer
 
 from ldmcli.commands._common import stderr_console
+from ldmcli.commands import _common as opts
 from ldmcli.commands._render import Renderer
 from ldmcli.commands._run import finish_batch, options
 from ldmcli.errors import UsageError
@@ -37,10 +38,8 @@ def inpaint_command(
                                             "and exit (then: --indir that folder).", show_default=False),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Zoo model (default: {DEFAULT_MODEL}).",
                                         show_default=False),
-    config: Optional[Path] = typer.Option(None, "--config", help="A config file (ours or upstream's YAML) instead of "
-                                          "--model; needs --ckpt.", show_default=False),
-    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="A checkpoint file (.ckpt or .safetensors).",
-                                        show_default=False),
+    config: opts.BatchConfigOption = None,
+    ckpt: opts.BatchCkptOption = None,
     steps: int = typer.Option(50, "--steps", help="Sampler steps (upstream: 50 DDIM steps)."),
     sampler: str = typer.Option("auto", "--sampler", help="auto (the fewest model calls at 50 DDIM steps' accuracy; "
                                 "--steps is then ignored), ddim (upstream's, with --steps 50), plms, dpmpp, dpmpp3m, "
@@ -88,7 +87,7 @@ def inpaint_command(
             precision=precision, overwrite=overwrite)
         with Renderer(quiet=quiet) as renderer:
             report = inpaint.run(request, renderer)
-    finish_batch(report, total=report.pairs, noun="pair", as_json=as_json, quiet=quiet)
+    finish_batch(report, noun="pair", as_json=as_json, quiet=quiet)
 
 def register(app: typer.Typer) -> None:
     app.command("inpaint")(inpaint_command)

@@ -12,6 +12,7 @@ from typing import List, Optional
 
 import typer
 
+from ldmcli.commands import _common as opts
 from ldmcli.commands._render import Renderer
 from ldmcli.commands._run import finish_batch, options
 from ldmcli.errors import UsageError
@@ -58,10 +59,8 @@ def upscale_command(
                                           "skipped (resumable). Default: outputs/upscale.", show_default=False),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Zoo model (default: {DEFAULT_MODEL}).",
                                         show_default=False),
-    config: Optional[Path] = typer.Option(None, "--config", help="A config file (ours or upstream's YAML) instead of "
-                                          "--model; needs --ckpt.", show_default=False),
-    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="A checkpoint file (.ckpt or .safetensors).",
-                                        show_default=False),
+    config: opts.BatchConfigOption = None,
+    ckpt: opts.BatchCkptOption = None,
     steps: int = typer.Option(100, "--steps", help="Sampler steps (upstream's notebook: 100 DDIM steps)."),
     sampler: str = typer.Option("ddim", "--sampler", help="ddim (upstream's), plms, dpmpp or auto."),
     eta: Optional[float] = typer.Option(None, "--eta", help="DDIM eta (default 1.0 for DDIM as upstream, else 0).",
@@ -96,7 +95,7 @@ def upscale_command(
             patch_batch=patch_batch, device=device, precision=precision, overwrite=overwrite)
         with UpscaleRenderer(quiet=quiet) as renderer:
             report = upscale.run(request, renderer)
-    finish_batch(report, total=report.inputs, noun="image", as_json=as_json, quiet=quiet)
+    finish_batch(report, noun="image", as_json=as_json, quiet=quiet)
 
 def register(app: typer.Typer) -> None:
     app.command("upscale")(upscale_command)

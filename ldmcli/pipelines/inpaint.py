@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,6 +22,7 @@ from ldmcli.inpaint import (InpaintPair, PairProblem, check_inpainting_config, c
                             find_pairs, inpaint_array, load_pair)
 from ldmcli.output import FATAL_WRITE_ERRNOS, OutputError, check_output_folder, describe_os_error, encode_png
 from ldmcli.pipelines import generation as gen
+from ldmcli.pipelines.batch import BatchReport
 from ldmcli.pipelines.events import (EventHandler, ItemDone, ItemFailed, ItemSkipped, ItemStarted, ItemStep, downloads,
                                      ignore, messages)
 from ldmcli.sampling import SamplerSettings
@@ -49,15 +50,7 @@ class InpaintRequest:
     overwrite: bool = False
 
 
-@dataclass
-class InpaintReport:
-    """What a run did: outputs written (with their records), pairs skipped (output present), pairs failed."""
-
-    written: list[dict[str, Any]] = field(default_factory=list)
-    skipped: list[InpaintPair] = field(default_factory=list)
-    failed: list[PairProblem] = field(default_factory=list)
-    seed: int = 0
-    pairs: int = 0
+InpaintReport = BatchReport  # skipped: InpaintPair, failed: PairProblem
 
 
 def check_settings(settings: SamplerSettings) -> None:
@@ -230,7 +223,7 @@ def run(request: InpaintRequest, on_event: EventHandler = ignore) -> InpaintRepo
         pairs = fitting_pairs(source.config, pairs, problems, dtype=dtype, device=dev, single=request.image is not None,
                               overwrite=request.overwrite)
     seed = secrets.randbelow(2**31) if request.seed is None else request.seed
-    report = InpaintReport(seed=seed, pairs=len(pairs) + len(problems))
+    report = InpaintReport(seed=seed, total=len(pairs) + len(problems))
     for problem in problems:
         report.failed.append(problem)
         on_event(ItemFailed(-1, len(pairs), problem.path, problem.message))

@@ -142,6 +142,7 @@ def run(request: Knn2ImgRequest, on_event: EventHandler = ignore) -> gen.Generat
     from ldmcli.devices import pick_device, resolve_precision
     from ldmcli.fastpath import DEFAULT_TILE
     from ldmcli.models.clip import ClipEncoder, resolve_clip_dir
+    from ldmcli.retrieval.build import PHASES
     from ldmcli.retrieval.conditioning import RdmConditioner
     from ldmcli.retrieval.database import inspect_database, load_database, resolve_database
     from ldmcli.retrieval.searcher import BRUTE_FORCE_BELOW, Retriever, has_searcher, searcher_dir
@@ -159,8 +160,6 @@ def run(request: Knn2ImgRequest, on_event: EventHandler = ignore) -> gen.Generat
     def phase(name: str, done: int, total: int) -> None:
         if name not in seen:
             seen.add(name)
-            from ldmcli.retrieval.build import PHASES
-
             on_event(Message(PHASES.get(name, name)))
 
     with gen.distributed(dev) as env:

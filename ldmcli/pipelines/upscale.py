@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -30,6 +30,7 @@ from ldmcli.errors import LdmError, RequestError, UsageError
 from ldmcli.fileio import atomic_write_bytes, sha256_file
 from ldmcli.output import encode_png, to_uint8
 from ldmcli.pipelines import generation as gen
+from ldmcli.pipelines.batch import BatchReport
 from ldmcli.pipelines.events import (EventHandler, ItemDone, ItemFailed, ItemPatches, ItemSkipped, ItemStarted,
                                      ItemStep, Message, ignore)
 from ldmcli.sampling import SamplerSettings, sample_latents
@@ -75,15 +76,7 @@ class InputProblem:
     message: str
 
 
-@dataclass
-class UpscaleReport:
-    """What a run did: outputs written (with their records), inputs skipped (output present), inputs failed."""
-
-    written: list[dict[str, Any]] = field(default_factory=list)
-    skipped: list[UpscaleJob] = field(default_factory=list)
-    failed: list[InputProblem] = field(default_factory=list)
-    seed: int = 0
-    inputs: int = 0
+UpscaleReport = BatchReport  # skipped: UpscaleJob, failed: InputProblem
 
 
 # --------------------------------------------------------------------------------------------------------- checks
@@ -311,7 +304,7 @@ def run(request: UpscaleRequest, on_event: EventHandler = ignore) -> UpscaleRepo
     dev = pick_device(request.device)
     dtype = resolve_precision(request.precision, dev)
     seed = secrets.randbelow(2**31) if request.seed is None else request.seed
-    report = UpscaleReport(seed=seed, inputs=len(jobs) + len(problems))
+    report = UpscaleReport(seed=seed, total=len(jobs) + len(problems))
     for problem in problems:
         report.failed.append(problem)
         on_event(ItemFailed(-1, len(jobs), problem.path, problem.message))
