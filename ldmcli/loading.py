@@ -351,10 +351,16 @@ def _to_device_dtype(model: nn.Module, device: torch.device, dtype: torch.dtype)
         release_checkpoint(model)
 
 
-def _needs_bert_vocab(cfg: Any) -> bool:
+def bert_vocab_for(cfg: Any, progress: Any = None) -> Path | None:
+    """The store's bert-base-uncased vocab (downloaded on first use) when ``cfg``'s conditioner tokenises text, else
+    None: what :func:`ldmcli.config.build_model` takes as ``bert_vocab`` (the networks themselves never download)."""
     ldm = getattr(cfg, "ldm", None)
     cond = getattr(ldm, "cond_stage", None)
-    return getattr(cond, "type", None) == "bert" and bool(getattr(cond.params, "use_tokenizer", True))
+    if getattr(cond, "type", None) != "bert" or not getattr(cond.params, "use_tokenizer", True):
+        return None
+    from ldmcli import store
+
+    return store.asset_path("bert-base-uncased", progress=progress) / "vocab.txt"
 
 
 @dataclass
@@ -401,11 +407,7 @@ def load(
     if not isinstance(source, ModelSource):
         source = resolve(source, ckpt=ckpt)
     cfg, loaded, downloaded, sha = _open_checkpoint(source, progress)
-    vocab = None
-    if _needs_bert_vocab(cfg):
-        from ldmcli import store
-
-        vocab = store.asset_path("bert-base-uncased", progress=progress) / "vocab.txt"
+    vocab = bert_vocab_for(cfg, progress)
     if callback:
         callback(f"building the model from {loaded.path.name}")
     with params_on_meta():

@@ -666,13 +666,9 @@ def _fit(req: TrainRequest, plan: _Plan, run_dir: Path, is_child: bool, dataset:
 
     # ---- model
     L.seed_everything(settings.seed, verbose=False)
-    vocab = None
-    cond = getattr(getattr(model_cfg, "ldm", None), "cond_stage", None)
-    if getattr(cond, "type", None) == "bert" and getattr(cond.params, "use_tokenizer", True):
-        from ldmcli import store  # the text conditioner's vocab: downloaded once, never by the network itself
+    from ldmcli.loading import bert_vocab_for
 
-        vocab = store.asset_path("bert-base-uncased") / "vocab.txt"
-    net = model_config.build_model(model_cfg, bert_vocab=vocab)
+    net = model_config.build_model(model_cfg, bert_vocab=bert_vocab_for(model_cfg))
     if val_dataset is not None:
         val_loader = torch.utils.data.DataLoader(val_dataset, batch_size=data_cfg.batch_size, shuffle=False,
                                                  num_workers=min(workers, 2), collate_fn=data_mod.collate)
