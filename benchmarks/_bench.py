@@ -72,7 +72,19 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, 
 
 
 def peak_rss_gb() -> float:
-    """Peak resident set size of this process so far, in GB (Linux reports KiB, macOS bytes)."""
+    """Peak resident set size of this process so far, in GB.
+
+    On Linux this is ``VmHWM`` from ``/proc/self/status``, the high-water mark of this program's own memory:
+    ``ru_maxrss`` is not, since the kernel carries it over ``exec`` from the process that forked, so a worker started
+    by a parent that had just built a 6 GB checkpoint reported the parent's 6 GB peak as its own. Elsewhere
+    ``ru_maxrss`` (macOS reports bytes)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1e9 if sys.platform == "darwin" else 1e6)
 

@@ -122,15 +122,23 @@ class PackedConv2d(nn.Conv2d):
     1280x2560x3x3 kernel over 4x4 pixels) that costs more than the arithmetic. Packing once is what inductor's
     ``freezing`` does; here it happens in eager mode. Same oneDNN kernel, same result (bit-identical in the tests).
 
+    The weight is packed for the exact input shape it is called with: oneDNN picks its kernel, and the blocked weight
+    format that kernel wants, from the shapes given at packing time, and a weight packed for other shapes makes it
+    fall back to a slow kernel for some of them (measured, 1 thread: a 2048->1280 3x3 convolution over 4x4 pixels
+    packed for 16x16 inputs took 1.30 s a call on AVX2 against 20 ms packed for 4x4; a 1x1 2560->1280 packed for 8x8
+    took 150-200 ms at 4x4 against 1-3 ms, on AVX-512 too). A call with a new input shape packs again (from the dense
+    weight, or from the packed one when that is the only copy); a sampling loop calls each convolution with one
+    shape, so that happens once.
+
     Two ways to hold the weight:
 
     * beside the parameter (:func:`pack_convolutions` default; the packed copy is a cache, rebuilt when the weight
-      changes): two copies of every convolution weight;
-    * *instead of* it (``release_dense=True``, what :func:`prepare_for_inference` does): the packed copy is the only
-      one. ``self.weight`` is then a zero-byte NaN placeholder of the right shape, dtype and device (anything that
-      computes with it directly gets NaN, never plausible numbers); ``state_dict()``, ``copy.deepcopy``/pickle,
-      ``.to()``/``.cuda()`` and the ordinary path (training, other devices or dtypes) restore the real dense weight
-      from the packed one first (:meth:`restore_dense`), exactly.
+      or the input shape changes): two copies of every convolution weight;
+    * *instead of* it (``release_dense=True``, what :func:`prepare_for_inference` does): from the first packing on,
+      the packed copy is the only one. ``self.weight`` is then a zero-byte NaN placeholder of the right shape, dtype
+      and device (anything that computes with it directly gets NaN, never plausible numbers); ``state_dict()``,
+      ``copy.deepcopy``/pickle, ``.to()``/``.cuda()`` and the ordinary path (training, other devices or dtypes)
+      restore the real dense weight from the packed one first (:meth:`restore_dense`), exactly.
 
     Training, other devices and dtypes, and non-zero padding modes take the ordinary path.
     """
@@ -169,13 +177,24 @@ class PackedConv2d(nn.Conv2d):
     def _packed(self, x: torch.Tensor) -> torch.Tensor | None:
         if not self._packable(x):
             return None
-        if self.dense_released:
-            return self.__dict__["_ldm_packed"][1]
-        w = self.weight
-        key = _weight_key(w)
+        shape = tuple(x.shape)
         cache = self.__dict__.get("_ldm_packed")
+        if self.dense_released:
+            if cache[0] != shape:  # the only copy is packed for other inputs: pack it again for these
+                packed = self._reorder(self.dense_weight(), list(shape))
+                if packed is None:
+                    return cache[1]
+                cache = (shape, packed)
+                self.__dict__["_ldm_packed"] = cache
+            return cache[1]
+        w = self.weight
+        key = (_weight_key(w), shape)
         if cache is None or cache[0] != key:
-            cache = (key, self._reorder(w, list(x.shape)))
+            packed = self._reorder(w, list(shape))
+            if packed is not None and self.__dict__.get("_ldm_release_on_pack"):
+                self._release_dense(packed, shape)
+                return packed
+            cache = (key, packed)
             self.__dict__["_ldm_packed"] = cache
         return cache[1]
 
@@ -185,26 +204,38 @@ class PackedConv2d(nn.Conv2d):
         return bool(self.__dict__.get("_ldm_dense_format"))
 
     def pack_now(self, input_size: list[int] | None = None, *, release_dense: bool = False) -> bool:
-        """Pack the weight now (for inputs like ``input_size``; any size works later) and, with ``release_dense``,
-        drop the dense weight. False (nothing done) where the ordinary path would be taken anyway."""
+        """Pack the weight now for inputs of ``input_size`` (default: one image of 16x16 output pixels; a call with
+        other shapes packs again for them) and, with ``release_dense``, drop the dense weight. False (nothing done)
+        where the ordinary path would be taken anyway."""
         if self.dense_released:
             return True
         if not self._packable(None):
             return False
         w = self.weight
-        size = input_size or [1, self.in_channels, 16 * self.stride[0], 16 * self.stride[1]]
+        size = list(input_size or [1, self.in_channels, 16 * self.stride[0], 16 * self.stride[1]])
         packed = self._reorder(w, size)
         if packed is None:
             return False
-        if not release_dense:
-            self.__dict__["_ldm_packed"] = (_weight_key(w), packed)
-            return True
-        channels_last = w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
-        self.__dict__["_ldm_packed"] = (None, packed)
-        self.__dict__["_ldm_dense_format"] = "channels_last" if channels_last else "contiguous"
-        placeholder = torch.full((), float("nan"), dtype=w.dtype, device=w.device).expand(w.shape)
-        self.weight = nn.Parameter(placeholder, requires_grad=False)
+        if release_dense:
+            self._release_dense(packed, tuple(size))
+        else:
+            self.__dict__["_ldm_packed"] = ((_weight_key(w), tuple(size)), packed)
         return True
+
+    def release_on_pack(self) -> None:
+        """Keep only the packed copy from the first packing on (the first call packs for its own input shape)."""
+        self.__dict__["_ldm_release_on_pack"] = True
+
+    def _release_dense(self, packed: torch.Tensor, shape: tuple) -> None:
+        w = self.weight
+        channels_last = w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+        self.__dict__["_ldm_packed"] = (shape, packed)
+        self.__dict__["_ldm_dense_format"] = "channels_last" if channels_last else "contiguous"
+        self.__dict__.pop("_ldm_release_on_pack", None)
+        with torch.inference_mode(False):  # packing happens in the first (inference mode) call: a normal tensor
+            placeholder = torch.full((), float("nan"), dtype=w.dtype, device=w.device).expand(w.shape)
+            self.weight = nn.Parameter(placeholder, requires_grad=False)
+        _trim_heap_every(w.numel() * w.element_size())
 
     def dense_weight(self) -> torch.Tensor:
         """The real weight (a new tensor when it lives only packed), in the layout it had."""
@@ -223,6 +254,7 @@ class PackedConv2d(nn.Conv2d):
         requires_grad = self.weight.requires_grad
         self.__dict__.pop("_ldm_dense_format", None)
         self.__dict__.pop("_ldm_packed", None)
+        self.__dict__.pop("_ldm_release_on_pack", None)
         self.weight = nn.Parameter(dense, requires_grad=requires_grad)
 
     # ---- everything that reads the weight's values gets the real one
@@ -262,11 +294,10 @@ def pack_convolutions(module: nn.Module, *, now: bool = False, release_dense: bo
     """Make every plain ``nn.Conv2d`` in ``module`` a :class:`PackedConv2d` (in place); returns how many.
 
     The class is swapped on the existing objects, so names, parameters and state_dict keys stay as they are. By
-    default each convolution packs on its first call and then holds its weight twice (the parameter and the packed
-    copy). ``now`` packs at once; ``release_dense`` (implies ``now``) keeps only the packed copy (see
-    :class:`PackedConv2d`). ``skip_pointwise`` leaves 1x1 convolutions eager (what :func:`prepare_for_inference`
-    does: a packed 1x1 convolution hits a slow oneDNN path on AVX2, 30x slower than eager for the UNet's 2560->1280
-    skip projection at 4x4; eager reorders little for them anyway).
+    default each convolution packs on its first call, for that call's input shape, and then holds its weight twice
+    (the parameter and the packed copy). ``release_dense`` keeps only the packed copy from the first packing on (see
+    :class:`PackedConv2d`). ``now`` packs at once, for a default input shape (a call with other shapes packs again).
+    ``skip_pointwise`` leaves 1x1 convolutions eager.
     """
     if not mkldnn_available():
         return 0
@@ -275,8 +306,11 @@ def pack_convolutions(module: nn.Module, *, now: bool = False, release_dense: bo
         if type(m) is nn.Conv2d and not (skip_pointwise and _pointwise(m)):
             m.__class__ = PackedConv2d
             count += 1
-        if type(m) is PackedConv2d and (now or release_dense):
-            m.pack_now(release_dense=release_dense)
+        if type(m) is PackedConv2d:
+            if now:
+                m.pack_now(release_dense=release_dense)
+            elif release_dense:
+                m.release_on_pack()
     return count
 
 
@@ -362,16 +396,15 @@ class StagePlan:
     pack: bool
 
 
-#: Measured choices per CPU kind (``ldmcli.devices.CpuKind.key``) and precision, for the UNet and the first stage
-#: (txt2img-f8-large at 256x256, ``benchmarks/unet_step.py`` and ``benchmarks/txt2img_e2e.py``; README "Speed").
-#: Kinds not listed take ``_CPU_DEFAULT``. CPU time against contiguous unpacked, 1 thread (channels_last alone,
-#: channels_last + packed): AVX512-BF16 UNet fp32 1.02, 0.75; bf16 1.01, 0.81; decoder fp32 0.96, 0.92; bf16 0.94,
-#: 0.91; emulated AVX2 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2) decoder fp32 0.98, 0.96, but a 3/4-width
-#: UNet channels_last + packed 2.2-2.6x *slower* than plain: oneDNN's AVX2 path for the up blocks' packed 3x3
-#: convolutions over 1536-2048 channels at 4x4-8x8 takes 1.7-2.4 s a call. So AVX2 runs the plain layout.
-_CPU_PLANS: dict[tuple[str, str], dict[str, StagePlan]] = {
-    ("avx2", "float32"): {"unet": StagePlan(False, False), "first_stage": StagePlan(False, False)},
-}
+#: Measured choices per CPU kind (``ldmcli.devices.CpuKind.key``) and precision, for the UNet and the first stage;
+#: kinds not listed take ``_CPU_DEFAULT``, channels_last with every convolution packed (1x1 included) for the input
+#: shape it is called with. UNet step of txt2img-f8-large at 256x256, batch 2, 1 thread, CPU time against the plain
+#: contiguous unpacked UNet, alternated in one process (channels_last + packed, 1x1 left eager / packed too):
+#: AVX512-BF16 fp32 0.72 / 0.70, bf16 0.87 / 0.81; emulated AVX2 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2)
+#: fp32 0.77 / 0.73. (Packing every weight for one fixed 16x16 input instead made oneDNN fall back to a slow kernel
+#: for some shapes on AVX2 -- a 2048->1280 3x3 convolution at 4x4 took 1.30 s a call against 20 ms -- and made the
+#: whole UNet 2.2-2.6x slower than plain there; packing for the call's own shape fixed it.)
+_CPU_PLANS: dict[tuple[str, str], dict[str, StagePlan]] = {}
 _CPU_DEFAULT = {"unet": StagePlan(True, True), "first_stage": StagePlan(True, True)}
 _OTHER_DEVICE = {"unet": StagePlan(False, False), "first_stage": StagePlan(False, False)}
 
@@ -546,7 +579,8 @@ def prepare_for_inference(
 
     Memory: every weight ends up in exactly one copy. Tensors still mapped from the checkpoint file are copied into
     the process's memory one at a time and their pages dropped as they go (so a float32 model does not hold the
-    map *and* re-laid-out copies); packed convolutions keep only their packed weight (:class:`PackedConv2d`).
+    map *and* re-laid-out copies); a packed convolution packs its weight on its first call, for that call's input
+    shape, and keeps only the packed copy from then on (:class:`PackedConv2d`).
     Gradients are switched off and the model is put in eval mode (no checkpoint wrappers).
     """
     if dtype is not None and not dtype.is_floating_point:
@@ -585,12 +619,9 @@ def prepare_for_inference(
     _convert_tensors([model], device=target, dtype=None, memory_format=None, maps=maps, memo=memo, skip=done)
     memo.clear()
     packed = 0
-    for name, net in networks:
+    for name, net in networks:  # each convolution packs on its first call, for its input shape, keeping one copy
         if stages[name].pack:
-            packed += pack_convolutions(net, skip_pointwise=True)
-            for m in net.modules():
-                if isinstance(m, PackedConv2d) and m.pack_now(release_dense=True):
-                    _trim_heap_every(m.weight.numel() * m.weight.element_size())
+            packed += pack_convolutions(net, release_dense=True)
     _trim_heap()
     if compile:
         unet = getattr(wrapper, "diffusion_model", wrapper)

@@ -306,9 +306,8 @@ def test_packed_convolution_equals_eager(dtype, cin, cout, k, stride, padding, b
 def test_prepare_packs_on_cpu_and_the_weights_follow_a_cast(tiny_txt2img):
     model = fastpath.prepare_for_inference(copy.deepcopy(tiny_txt2img), dtype=torch.float32)
     convs = [m for m in [*model.model.modules(), *model.first_stage_model.modules()] if isinstance(m, torch.nn.Conv2d)]
-    n_convs = sum(m.kernel_size != (1, 1) for m in convs)  # 1x1 convolutions stay eager (slow packed on AVX2)
-    assert model.fast_path["packed_convolutions"] == n_convs > 0
-    assert all(type(m) is torch.nn.Conv2d for m in convs if m.kernel_size == (1, 1))
+    assert model.fast_path["packed_convolutions"] == len(convs) > 0  # 1x1 included (packed for the call's shape)
+    assert all(type(m) is fastpath.PackedConv2d for m in convs)
     assert set(model.state_dict()) == set(tiny_txt2img.state_dict())
     x, t = _inputs(model, "cpu")
     c = torch.randn(2, 77, 64)
@@ -364,8 +363,9 @@ def _weight_holders(model: torch.nn.Module) -> dict[str, list]:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prepare_leaves_one_copy_of_each_weight(tmp_path, dtype):
     """A model loaded from a memory-mapped .safetensors, prepared on the CPU: no weight is left in the file's map,
-    each tensor has its own storage (none held twice), and every convolution holds its weight once, packed (the
-    parameter is a zero-byte placeholder), yet state_dict() gives back exactly the loaded weights."""
+    each tensor has its own storage (none held twice), and after a sampling step and a decode every convolution
+    holds its weight once, packed for the shape it was called with (the parameter is a zero-byte placeholder), yet
+    state_dict() gives back exactly the loaded weights."""
     from ldmcli.loading import load_model
     from tinymodels import install_bert_vocab, write_tiny
 
@@ -378,14 +378,22 @@ def test_prepare_leaves_one_copy_of_each_weight(tmp_path, dtype):
     n_before = sum(group[0].numel() for group in _weight_holders(model)["dense"])
     fastpath.prepare_for_inference(model, dtype=dtype)
     holders = _weight_holders(model)
+    assert not holders["packed"] and all(len(group) == 1 for group in holders["dense"])  # packing waits for a call
+    with fastpath.inference_context():
+        z = fastpath.fast_layout(model, torch.randn(1, model.channels, 8, 8, dtype=dtype))
+        model.apply_model(z, torch.tensor([10]), model.get_learned_conditioning(["a cube"]))
+        fastpath.decode_latents(model, z, tile=None)
+    holders = _weight_holders(model)
     maps = fastpath._file_mappings()
     tensors = [t for group in holders["dense"] for t in group]
     assert not any(fastpath._in_file_map(t, maps) for t in tensors)
     assert all(len(group) == 1 for group in holders["dense"])  # one storage per tensor: nothing held twice
-    convs = [m for net in (model.model, model.first_stage_model) for m in net.modules()
-             if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]  # 1x1: eager, dense
+    called = (model.model, model.first_stage_model.decoder, model.first_stage_model.post_quant_conv)
+    convs = [m for net in called for m in net.modules()
+             if isinstance(m, torch.nn.Conv2d)]  # the encoder's are not called: dense, one copy
     assert convs and all(isinstance(m, fastpath.PackedConv2d) and m.dense_released for m in convs)
     assert len(holders["packed"]) == len(convs)
+    assert all(m.__dict__["_ldm_packed"][0][2:] in ((8, 8), (16, 16), (32, 32), (4, 4), (2, 2), (1, 1)) for m in convs)
     n_dense = sum(t.numel() for t in tensors)
     n_packed = sum(m.weight.numel() for m in convs)
     assert n_dense + n_packed == n_before
@@ -405,10 +413,16 @@ def test_weight_held_only_packed_comes_back_for_everything_that_reads_it():
     torch.manual_seed(0)
     plain = torch.nn.Conv2d(8, 16, 3, padding=1).to(memory_format=torch.channels_last).requires_grad_(False)
     conv = copy.deepcopy(plain)
-    assert fastpath.pack_convolutions(conv, release_dense=True) == 1 and conv.dense_released
-    assert conv.weight.untyped_storage().nbytes() <= 4 and conv.weight.isnan().all()
+    assert fastpath.pack_convolutions(conv, release_dense=True) == 1 and not conv.dense_released  # packs when called
     x = torch.randn(2, 8, 10, 10).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
+        assert rel(conv(x), plain(x)) < 1e-6
+    assert conv.dense_released and conv.__dict__["_ldm_packed"][0] == (2, 8, 10, 10)  # packed for this input
+    assert conv.weight.untyped_storage().nbytes() <= 4 and conv.weight.isnan().all()
+    with torch.inference_mode():  # another input shape: packed again for it, from the packed copy, exactly
+        small = torch.randn(1, 8, 5, 7).contiguous(memory_format=torch.channels_last)
+        assert rel(conv(small), plain(small)) < 1e-6
+        assert conv.__dict__["_ldm_packed"][0] == (1, 8, 5, 7) and conv.dense_released
         assert rel(conv(x), plain(x)) < 1e-6
     assert torch.equal(conv.state_dict()["weight"], plain.weight)
     assert fastpath.is_channels_last(conv)
@@ -454,10 +468,8 @@ def test_choose_plan_per_device_and_cpu_kind(tiny_txt2img, monkeypatch):
         for dtype in (torch.float32, torch.bfloat16):
             plan = fastpath.choose_plan("cpu", dtype, kind)
             assert set(plan) == {"unet", "first_stage"}
-            if key == "avx2" and dtype == torch.float32:  # measured: the plain layout is faster there
-                assert plan["unet"] == fastpath.StagePlan(False, False)
-            else:
-                assert plan["unet"].channels_last and plan["unet"].pack == fastpath.mkldnn_available()
+            # measured: channels_last + packed for the call's shape is faster everywhere, AVX2 included
+            assert plan["unet"].channels_last and plan["unet"].pack == fastpath.mkldnn_available()
 
 
 def test_resolve_precision_on_a_cpu_without_native_bf16(monkeypatch):
