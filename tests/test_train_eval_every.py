@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from httpserver import file_server, mirror  # noqa: F401  (fixtures)
 from test_eval import inception_file, install_inception  # noqa: F401  (the random-weight Inception fixture)
 from test_train import TINY_KL, TINY_LDM, _metrics, _one_line_error, _state, images  # noqa: F401  (fixture)
 
@@ -34,14 +35,23 @@ def _autoencoder(images: Path, logdir: Path) -> Path:
                  overrides={"max_steps": 1, "log_images_every": 0}).run_dir
 
 
-@pytest.mark.slow  # two runs and two FID evaluations (a 2048x2048 matrix square root each): 16 s on a loaded 2-core CPU
+@pytest.mark.slow  # three runs, three FID evaluations (a 2048x2048 matrix square root each): 23 s on a loaded 2-core CPU
 def test_fid_is_logged_at_its_steps_and_leaves_the_training_untouched(cli, images, inception_file, tmp_path):
     from ldmcli.output import read_metadata
 
     install_inception(inception_file)
     logs = tmp_path / "logs"
-    ae = _autoencoder(images, tmp_path / "ae")
     val = _validation_folder(images, tmp_path / "val")
+    # the first stage, with rFID of 3 validation images' reconstructions at its one step
+    r = cli("train-ae", "--config", TINY_KL, "--data", images, "--val-data", val, "--max-steps", "1",
+            "--log-images-every", "0", "--logdir", tmp_path / "ae", "--eval-every", "1", "--eval-samples", "3")
+    assert r.exit_code == 0, r
+    assert "rFID inputs: 3 images of the validation data" in r.stderr and "rFID at step 1: val/rfid " in r.stderr
+    ae = Path(r.stdout.strip().splitlines()[-1])
+    _, ae_rows = _metrics(ae)
+    (rfid,) = [row for row in ae_rows if row.get("val/rfid")]
+    assert rfid["step"] == "0" and float(rfid["val/rfid"]) > 0 and 0 < float(rfid["val/psnr"]) < 100
+    assert len(list((ae / "eval" / "samples").glob("*.png"))) == 3
     common = ("--config", TINY_LDM, "--data", images, "--val-data", val, "--first-stage", ae, "--max-steps", "4",
               "--log-images-every", "0", "--logdir", logs)
     r = cli("train-ldm", *common, "--eval-every", "2", "--eval-samples", "4", "--eval-steps", "3")
@@ -110,10 +120,30 @@ def test_bad_fid_settings_fail_before_training(cli, images, inception_file, tmp_
     from ldmcli.errors import UsageError
     from ldmcli.training.run import train
 
-    with pytest.raises(UsageError, match="train-ldm"):  # autoencoders: no FID of samples
+    with pytest.raises(UsageError, match="reconstructions with their inputs"):  # autoencoders: rFID, no reference
         train("autoencoder", TINY_KL, data_root=images, logdir=logs,
-              overrides={"max_steps": 1, "eval_every": 1, "eval_samples": 2})
+              overrides={"max_steps": 1, "eval_every": 1, "eval_samples": 2, "eval_ref": str(images)})
     assert not logs.exists()
+
+
+def test_inception_weights_come_through_the_store_at_startup(cli, mirror, images, inception_file, tmp_path,
+                                                             monkeypatch):
+    import hashlib
+
+    data = inception_file.read_bytes()
+    entry = zoo.get("inception")
+    fake = zoo.ZooFile(entry.files[0].url, entry.files[0].filename, sha256=hashlib.sha256(data).hexdigest(),
+                       size=len(data))
+    monkeypatch.setitem(zoo.REGISTRY, "inception", zoo.ZooEntry(**{**entry.__dict__, "files": (fake,)}))
+    mirror.add("/toshas/torch-fidelity/releases/download/v0.2.0/" + fidelity.WEIGHTS_FILE, data)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    # the weights are fetched before the data is scanned: the empty folder fails only after the download
+    r = cli("train-ae", "--config", TINY_KL, "--data", empty, "--eval-every", "1", "--eval-samples", "2",
+            "--logdir", tmp_path / "logs")
+    _one_line_error(r, 1, "no usable images", after_start=True)
+    assert f"downloaded {fidelity.WEIGHTS_FILE}" in r.stderr and [q for q in mirror.log if q.method == "GET"]
+    assert (entry.local_dir() / fidelity.WEIGHTS_FILE).read_bytes() == data
 
 
 def test_what_each_kind_of_model_samples_for_fid():

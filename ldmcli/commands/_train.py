@@ -20,9 +20,11 @@ ValEveryOption = Annotated[Optional[int], typer.Option("--val-every", help="Step
                                                        "500, and at the end).")]
 
 EvalEveryOption = Annotated[Optional[int], typer.Option("--eval-every", help="Steps between FID evaluations (and at "
-                                                        "the end), on --eval-samples images; logged as val/fid.")]
-EvalSamplesOption = Annotated[Optional[int], typer.Option("--eval-samples", help="Images sampled per FID evaluation "
-                                                          "(seeds 0..K-1; at least 2).")]
+                                                        "the end) of --eval-samples images: val/fid (LDMs), val/rfid "
+                                                        "(autoencoders).")]
+EvalSamplesOption = Annotated[Optional[int], typer.Option("--eval-samples", help="Images per FID evaluation: sampled "
+                                                          "with seeds 0..K-1 (LDMs), or K validation images "
+                                                          "reconstructed (autoencoders); at least 2.")]
 EvalRefOption = Annotated[Optional[Path], typer.Option("--eval-ref", help="FID reference: a folder of images, an .npz "
                                                        "of images or statistics (default: the validation data, else "
                                                        "the training data).")]
@@ -62,9 +64,11 @@ class Renderer:
                 f"{event.best_step})" if event.best is not None else ""
             self._print(f"validation at step {event.step}: {values}{best}")
         elif kind == "evaluation":
-            values = "  ".join(f"{k} {v:.4g}" for k, v in event.metrics.items() if k in ("val/fid", "val/kid"))
-            self._print(f"FID at step {event.step}: {values}  ({event.examples} samples in {event.seconds:.1f} s, "
-                        f"kept in {event.path})")
+            shown = ("val/fid", "val/kid", "val/rfid", "val/psnr")
+            values = "  ".join(f"{k} {v:.4g}" for k, v in event.metrics.items() if k in shown)
+            what = ("rFID", "reconstructions") if "val/rfid" in event.metrics else ("FID", "samples")
+            self._print(f"{what[0]} at step {event.step}: {values}  ({event.examples} {what[1]} in "
+                        f"{event.seconds:.1f} s, kept in {event.path})")
         elif kind == "download" and event.total and event.done == event.total:
             self._print(f"downloaded {event.path} ({event.total / 1e6:.1f} MB)")
         elif kind == "start" and self.interactive:

@@ -80,14 +80,15 @@ class DatasetReference:
         return digest.hexdigest()
 
 
-def _dataset_reference(dataset: Any, what: str) -> DatasetReference:
+def _dataset_reference(dataset: Any, what: str, limit: int = MAX_REFERENCE) -> DatasetReference:
+    """At most ``limit`` examples of ``dataset``, evenly spaced (every class of a class-sorted folder)."""
     n = len(dataset)
     if n < 2:
-        raise UsageError(f"FID needs at least 2 reference images; the {what} has {n} (give eval_ref)")
-    if n <= MAX_REFERENCE:
+        raise UsageError(f"FID needs at least 2 reference images; the {what} has {n}")
+    if n <= limit:
         indices = list(range(n))
     else:
-        indices = sorted({int(round(v)) for v in np.linspace(0, n - 1, MAX_REFERENCE)})
+        indices = sorted({int(round(v)) for v in np.linspace(0, n - 1, limit)})
     return DatasetReference(dataset, indices, f"{len(indices)} images of the {what}")
 
 
@@ -97,9 +98,9 @@ class QualityPlan:
 
     every: int
     items: list[Any]
-    conditioning: str  # "unconditional", "class" or "text"
+    conditioning: str  # "unconditional", "class", "text", or "reconstruction" (autoencoders: items are indices)
     null_class: int | None
-    settings: Any  # ldmcli.sampling.SamplerSettings
+    settings: Any  # ldmcli.sampling.SamplerSettings (None for autoencoders)
     reference: Any  # DatasetReference, an ldmcli.eval.images.ImageSet, or the Path of a statistics .npz
     reference_label: str
     batch_size: int
@@ -146,7 +147,7 @@ def _conditioning(model_cfg: Any, dataset: Any, val_dataset: Any, n: int, scale:
 class QualityCheck:
     """What :func:`check` settled before the data is read: the sampler settings and the reference (None: the data)."""
 
-    settings: Any  # ldmcli.sampling.SamplerSettings
+    settings: Any  # ldmcli.sampling.SamplerSettings, or None for an autoencoder
     reference: Any  # an ldmcli.eval.images.ImageSet, the Path of a statistics .npz, or None
 
 
@@ -155,15 +156,19 @@ def check(kind: str, settings: Any, model_cfg: Any, callback: Progress | None = 
     minutes); None when ``eval_every`` is 0."""
     if not settings.eval_every:
         return None
-    if kind != "ldm":
-        raise UsageError("eval_every/eval_samples (FID during training) apply to latent diffusion models "
-                         "(ldm train-ldm)")
-    _conditioning(model_cfg, None, None, 0, settings.eval_scale, settings.cond_drop)  # the kinds that can be sampled
     from ldmcli.eval import fidelity, metrics
-    from ldmcli.eval.sampling import sample_settings
 
-    sampler = sample_settings(settings.eval_sampler, settings.eval_steps, settings.eval_scale)
-    sampler.validate(model_cfg.ldm.timesteps)
+    sampler = None
+    if kind == "autoencoder":
+        if settings.eval_ref is not None:
+            raise UsageError("eval_ref applies to latent diffusion models: an autoencoder's rFID compares its "
+                             "reconstructions with their inputs")
+    else:
+        _conditioning(model_cfg, None, None, 0, settings.eval_scale, settings.cond_drop)  # a kind we can sample?
+        from ldmcli.eval.sampling import sample_settings
+
+        sampler = sample_settings(settings.eval_sampler, settings.eval_steps, settings.eval_scale)
+        sampler.validate(model_cfg.ldm.timesteps)
     reference = metrics.open_reference(settings.eval_ref) if settings.eval_ref is not None else None
     fidelity.library()  # a missing torch-fidelity: one line with the install command
     inception = metrics.Inception("cpu", on_event=_download_events(callback))  # through the store, with progress
@@ -173,18 +178,22 @@ def check(kind: str, settings: Any, model_cfg: Any, callback: Progress | None = 
 
 def prepare(checked: QualityCheck | None, settings: Any, model_cfg: Any, dataset: Any, val_dataset: Any,
             batch_size: int) -> QualityPlan | None:
-    """The full plan once the data is read: what to sample, and the reference by default (validation data, else
-    training data)."""
+    """The full plan once the data is read: what to sample (or, for an autoencoder, which examples to
+    reconstruct), and the reference by default (validation data, else training data)."""
     if checked is None:
         return None
     n = settings.eval_samples
+    data, what = (val_dataset, "validation data") if val_dataset is not None else (dataset, "training data")
+    if checked.settings is None:  # an autoencoder: rFID of n examples' reconstructions against those examples
+        inputs = _dataset_reference(data, what, limit=n)
+        return QualityPlan(settings.eval_every, inputs.indices, "reconstruction", None, None, inputs, inputs.label,
+                           max(1, min(batch_size, n)), (3, 0, 0))
     conditioning, items, null = _conditioning(model_cfg, dataset, val_dataset, n, settings.eval_scale,
                                               settings.cond_drop)
     if checked.reference is not None:
         reference, label = checked.reference, str(settings.eval_ref)
     else:
-        reference = _dataset_reference(*((val_dataset, "validation data") if val_dataset is not None
-                                         else (dataset, "training data")))
+        reference = _dataset_reference(data, what)
         label = reference.label
     shape = (int(model_cfg.ldm.channels), int(model_cfg.ldm.image_size), int(model_cfg.ldm.image_size))
     return QualityPlan(settings.eval_every, items, conditioning, null, checked.settings, reference, label,
@@ -256,7 +265,8 @@ class SampleEvaluator:
 
         ref = self.plan.reference
         if self.callback is not None:
-            self.callback(TrainEvent("message", text=f"FID reference: {self.plan.reference_label}"))
+            what = "rFID inputs" if self.plan.conditioning == "reconstruction" else "FID reference"
+            self.callback(TrainEvent("message", text=f"{what}: {self.plan.reference_label}"))
         if isinstance(ref, DatasetReference):
             self._real = metrics.cached_reference(
                 ref.content_hash(), len(ref), ref.label, inception,
@@ -266,21 +276,49 @@ class SampleEvaluator:
         return self._real
 
     def __call__(self, net: Any, step: int) -> Evaluation:
-        """Sample with ``net`` (a LatentDiffusion; the caller sets eval mode, no grad and the EMA weights) and
-        measure. The global random state is not used: every image draws from its own seeded generator."""
+        """Sample with ``net`` (a LatentDiffusion), or reconstruct with it (an autoencoder), and measure. The caller
+        sets eval mode, no grad and the EMA weights; the global random state is not used (every image draws from its
+        own seeded generator)."""
         from ldmcli.eval import fidelity
         from ldmcli.eval.metrics import FeatureSet, SampleMetrics, compare
-        from ldmcli.pipelines import generation as gen
 
         plan = self.plan
         started = time.perf_counter()
-        device = gen.model_device(net)
+        device = next(net.parameters()).device
         inception = self._inception(device)
         real = self.reference(inception)
         self.folder.mkdir(parents=True, exist_ok=True)
         staging = self.folder / ".new"
         shutil.rmtree(staging, ignore_errors=True)
         writer = _CollectingWriter(staging)
+        if plan.conditioning == "reconstruction":
+            self._reconstruct(net, step, writer)
+        else:
+            self._sample(net, step, writer, device)
+        feats, logits = inception.extract_batches(
+            (np.stack(writer.pixels[i:i + INCEPTION_BATCH]) for i in range(0, len(writer.pixels), INCEPTION_BATCH)),
+            len(writer.pixels), "samples")
+        fake = FeatureSet(len(feats), fidelity.fid_statistics(feats), feats, logits)
+        if plan.conditioning == "reconstruction":
+            from ldmcli.eval.reconstruction import psnr
+
+            inputs = np.concatenate(list(plan.reference.batches(INCEPTION_BATCH)))
+            values = {"val/rfid": fidelity.fid(fake.stats, real.stats),
+                      "val/psnr": float(psnr(inputs, np.stack(writer.pixels)).mean())}
+        else:
+            result = SampleMetrics(fake.count, real.count, plan.reference_label)
+            compare(fake, real, result)
+            values = {"val/fid": result.fid, "val/kid": result.kid_mean, "val/is": result.is_mean,
+                      "val/precision": result.precision, "val/recall": result.recall}
+        values = {k: float(v) for k, v in values.items() if v is not None}
+        self._publish(staging / "samples", step, values)
+        shutil.rmtree(staging, ignore_errors=True)
+        return Evaluation(step, values, len(feats), time.perf_counter() - started, self.folder / "samples")
+
+    def _sample(self, net: Any, step: int, writer: _CollectingWriter, device: Any) -> None:
+        from ldmcli.pipelines import generation as gen
+
+        plan = self.plan
         jobs = gen.plan_jobs(plan.items, plan.batch_size, 1, 0)
         if plan.conditioning == "class":
             conditioner: Any = gen.ClassConditioner(net, plan.settings.scale, plan.null_class)
@@ -299,18 +337,19 @@ class SampleEvaluator:
 
         gen.generate(net, jobs, conditioner=conditioner, shape=plan.shape, settings=plan.settings, writer=writer,
                      metadata=metadata, device=device, seed=0)
-        feats, logits = inception.extract_batches(
-            (np.stack(writer.pixels[i:i + INCEPTION_BATCH]) for i in range(0, len(writer.pixels), INCEPTION_BATCH)),
-            len(writer.pixels), "samples")
-        fake = FeatureSet(len(feats), fidelity.fid_statistics(feats), feats, logits)
-        result = SampleMetrics(fake.count, real.count, plan.reference_label)
-        compare(fake, real, result)
-        values = {"val/fid": result.fid, "val/kid": result.kid_mean, "val/is": result.is_mean,
-                  "val/precision": result.precision, "val/recall": result.recall}
-        values = {k: float(v) for k, v in values.items() if v is not None}
-        self._publish(staging / "samples", step, values)
-        shutil.rmtree(staging, ignore_errors=True)
-        return Evaluation(step, values, len(feats), time.perf_counter() - started, self.folder / "samples")
+
+    def _reconstruct(self, net: Any, step: int, writer: _CollectingWriter) -> None:
+        """The plan's examples through the autoencoder (KL: the posterior's mode; VQ: quantised), as ``ldm eval
+        ae`` reconstructs them."""
+        from ldmcli.eval.reconstruction import reconstruct
+
+        plan = self.plan
+        done = 0
+        for batch in plan.reference.batches(plan.batch_size):
+            for image in reconstruct(net, batch):
+                writer.write_sample(image, {"command": "train-ae eval", "step": step,
+                                            "example": plan.items[done]})
+                done += 1
 
     def _publish(self, new: Path, step: int, values: dict[str, float]) -> None:
         """Replace ``eval/samples`` by the new samples (renames: a folder is never half-written under its name)."""
@@ -322,8 +361,9 @@ class SampleEvaluator:
             final.rename(old)
         new.rename(final)
         shutil.rmtree(old, ignore_errors=True)
+        settings = dataclasses.asdict(self.plan.settings.resolve()) if self.plan.settings is not None else {}
         record = {"step": step, "samples": len(list(final.glob("*.png"))), "reference": self.plan.reference_label,
-                  **dataclasses.asdict(self.plan.settings.resolve()), "metrics": values}
+                  **settings, "metrics": values}
         atomic_write_text(self.folder / "latest.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
@@ -338,7 +378,8 @@ def evaluation_mode(module: Any, net: Any) -> Iterator[None]:
     cuda = [device] if device is not None and getattr(device, "type", "") == "cuda" else []
     module.eval()
     try:
-        with torch.random.fork_rng(devices=cuda), torch.no_grad(), net.ema_scope():
+        ema = net.ema_scope() if hasattr(net, "ema_scope") else contextlib.nullcontext()
+        with torch.random.fork_rng(devices=cuda), torch.no_grad(), ema:
             yield
     finally:
         if was_training:
