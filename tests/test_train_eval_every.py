@@ -207,3 +207,28 @@ def test_evaluation_mode_restores_mode_weights_and_random_state():
     with pytest.raises(RuntimeError), evaluation_mode(net.eval(), net):
         raise RuntimeError("a failed evaluation")
     assert not net.training and float(net.w.detach()[0]) == 1.0  # eval mode stays eval; the weights are put back
+
+
+def test_samples_go_through_inception_a_batch_at_a_time(tmp_path, monkeypatch):
+    import numpy as np
+
+    from ldmcli.training import quality
+
+    class Fake:
+        def __init__(self) -> None:
+            self.sizes: list[int] = []
+
+        def extract_batches(self, batches, total, stage):
+            (batch,) = list(batches)
+            self.sizes.append(len(batch))
+            values = torch.tensor(batch[:, 0, 0, 0], dtype=torch.float32)[:, None]
+            return values.expand(-1, 2048), values.expand(-1, 1008)
+
+    monkeypatch.setattr(quality, "INCEPTION_BATCH", 2)
+    fake = Fake()
+    writer = quality._MeasuringWriter(tmp_path, fake)
+    for k in range(5):
+        writer.write_sample(np.full((4, 4, 3), k, np.uint8), {"seed": k})
+    feats, logits = writer.result()
+    assert fake.sizes == [2, 2, 1] and feats[:, 0].tolist() == [0, 1, 2, 3, 4] and logits.shape == (5, 1008)
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [f"{k:05d}.png" for k in range(5)]

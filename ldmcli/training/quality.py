@@ -222,21 +222,43 @@ class Evaluation:
     folder: Path
 
 
-class _CollectingWriter:
-    """An :class:`ldmcli.output.ImageWriter` that also keeps every sample's pixels for Inception."""
+class _MeasuringWriter:
+    """An :class:`ldmcli.output.ImageWriter` that also runs Inception on the images as they come, a batch at a time
+    (memory holds one batch of pixels, not K images)."""
 
-    def __init__(self, outdir: Path) -> None:
+    def __init__(self, outdir: Path, inception: Any) -> None:
         from ldmcli.output import ImageWriter
 
         self.writer = ImageWriter(outdir)
-        self.pixels: list[np.ndarray] = []
+        self.inception = inception
+        self.pending: list[np.ndarray] = []
+        self.features: list[Any] = []
+        self.logits: list[Any] = []
+        self.count = 0
 
     def write_sample(self, image: np.ndarray, metadata: Any) -> Any:
-        self.pixels.append(np.asarray(image))
+        self.pending.append(np.asarray(image))
+        self.count += 1
+        if len(self.pending) == INCEPTION_BATCH:
+            self._flush()
         return self.writer.write_sample(image, metadata)
 
     def write_grid(self, images: np.ndarray, per_row: int, metadata: Any) -> Any:
         return self.writer.write_grid(images, per_row, metadata)
+
+    def _flush(self) -> None:
+        if self.pending:
+            feats, logits = self.inception.extract_batches([np.stack(self.pending)], None, "samples")
+            self.features.append(feats)
+            self.logits.append(logits)
+            self.pending = []
+
+    def result(self) -> tuple[Any, Any]:
+        """``[n, 2048]`` features and ``[n, 1008]`` logits of every image written."""
+        import torch
+
+        self._flush()
+        return torch.cat(self.features), torch.cat(self.logits)
 
 
 class SampleEvaluator:
@@ -290,21 +312,15 @@ class SampleEvaluator:
         self.folder.mkdir(parents=True, exist_ok=True)
         staging = self.folder / ".new"
         shutil.rmtree(staging, ignore_errors=True)
-        writer = _CollectingWriter(staging)
+        writer = _MeasuringWriter(staging, inception)
         if plan.conditioning == "reconstruction":
-            self._reconstruct(net, step, writer)
+            psnrs = self._reconstruct(net, step, writer)
         else:
             self._sample(net, step, writer, device)
-        feats, logits = inception.extract_batches(
-            (np.stack(writer.pixels[i:i + INCEPTION_BATCH]) for i in range(0, len(writer.pixels), INCEPTION_BATCH)),
-            len(writer.pixels), "samples")
+        feats, logits = writer.result()
         fake = FeatureSet(len(feats), fidelity.fid_statistics(feats), feats, logits)
         if plan.conditioning == "reconstruction":
-            from ldmcli.eval.reconstruction import psnr
-
-            inputs = np.concatenate(list(plan.reference.batches(INCEPTION_BATCH)))
-            values = {"val/rfid": fidelity.fid(fake.stats, real.stats),
-                      "val/psnr": float(psnr(inputs, np.stack(writer.pixels)).mean())}
+            values = {"val/rfid": fidelity.fid(fake.stats, real.stats), "val/psnr": float(np.mean(psnrs))}
         else:
             result = SampleMetrics(fake.count, real.count, plan.reference_label)
             compare(fake, real, result)
@@ -315,7 +331,7 @@ class SampleEvaluator:
         shutil.rmtree(staging, ignore_errors=True)
         return Evaluation(step, values, len(feats), time.perf_counter() - started, self.folder / "samples")
 
-    def _sample(self, net: Any, step: int, writer: _CollectingWriter, device: Any) -> None:
+    def _sample(self, net: Any, step: int, writer: _MeasuringWriter, device: Any) -> None:
         from ldmcli.pipelines import generation as gen
 
         plan = self.plan
@@ -338,18 +354,20 @@ class SampleEvaluator:
         gen.generate(net, jobs, conditioner=conditioner, shape=plan.shape, settings=plan.settings, writer=writer,
                      metadata=metadata, device=device, seed=0)
 
-    def _reconstruct(self, net: Any, step: int, writer: _CollectingWriter) -> None:
+    def _reconstruct(self, net: Any, step: int, writer: _MeasuringWriter) -> np.ndarray:
         """The plan's examples through the autoencoder (KL: the posterior's mode; VQ: quantised), as ``ldm eval
-        ae`` reconstructs them."""
-        from ldmcli.eval.reconstruction import reconstruct
+        ae`` reconstructs them; returns each image's PSNR."""
+        from ldmcli.eval.reconstruction import psnr, reconstruct
 
         plan = self.plan
-        done = 0
+        done, psnrs = 0, []
         for batch in plan.reference.batches(plan.batch_size):
-            for image in reconstruct(net, batch):
-                writer.write_sample(image, {"command": "train-ae eval", "step": step,
-                                            "example": plan.items[done]})
+            rec = reconstruct(net, batch)
+            psnrs.append(psnr(batch, rec))
+            for image in rec:
+                writer.write_sample(image, {"command": "train-ae eval", "step": step, "example": plan.items[done]})
                 done += 1
+        return np.concatenate(psnrs)
 
     def _publish(self, new: Path, step: int, values: dict[str, float]) -> None:
         """Replace ``eval/samples`` by the new samples (renames: a folder is never half-written under its name)."""
