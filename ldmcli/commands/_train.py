@@ -45,6 +45,7 @@ class Renderer:
         self.progress = None
         self.task = None
         self.last_line = -1
+        self.downloads: set[str] = set()
 
     def __call__(self, event: Any) -> None:
         kind = event.kind
@@ -69,8 +70,12 @@ class Renderer:
             what = ("rFID", "reconstructions") if "val/rfid" in event.metrics else ("FID", "samples")
             self._print(f"{what[0]} at step {event.step}: {values}  ({event.examples} {what[1]} in "
                         f"{event.seconds:.1f} s, kept in {event.path})")
-        elif kind == "download" and event.total and event.done == event.total:
-            self._print(f"downloaded {event.path} ({event.total / 1e6:.1f} MB)")
+        elif kind == "download":
+            if event.path not in self.downloads:
+                self.downloads.add(event.path)
+                self._print(f"downloading {event.path} (Inception weights for FID; ldm download inception)")
+            if event.total and event.done == event.total:
+                self._print(f"downloaded {event.path} ({event.total / 1e6:.1f} MB)")
         elif kind == "start" and self.interactive:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

@@ -1,16 +1,17 @@
 """FID during training (``ldm train-ldm --eval-every N --eval-samples K``): sample K images with fixed seeds and
-measure them against a reference with :mod:`ldmcli.eval` (torch-fidelity's Inception and metric functions).
+measure them against a reference with :mod:`ldmcli.eval` (torch-fidelity's Inception and metric functions); for an
+autoencoder (``ldm train-ae``), rFID and PSNR of K examples' reconstructions against those examples.
 
-:func:`prepare` checks everything before the run folder is claimed or Lightning is imported: the settings, the
-model's conditioning, the sampler settings, the reference, and the Inception weights (fetched through the store,
-with progress, and read once so a corrupt file fails now rather than at step N). :class:`SampleEvaluator` then does
-one evaluation; the Lightning callback that calls it every N steps is
-:class:`ldmcli.training.callbacks.SampleQuality`.
+:func:`check` runs before the data is scanned (the conditioning, the sampler settings, the reference, and the
+Inception weights: fetched through the store, with progress, and read once so a corrupt file fails now rather than at
+step N); :func:`prepare` completes the plan once the data is read. :class:`SampleEvaluator` does one evaluation; the
+Lightning callback that calls it every N steps is :class:`ldmcli.training.callbacks.SampleQuality`, inside
+:func:`evaluation_mode`.
 
 What is sampled is what ``ldm eval model`` samples: image ``i`` has seed ``i`` (its own CPU generator for the initial
 noise and every later draw), class ``i mod C`` for a class-conditional model (C: the classes of the training data),
-and for a text model the caption of reference example ``i mod n`` (the validation data's captions, else the training
-data's). Sampling runs with the EMA weights when the model keeps EMA, in eval mode, through the generation library
+and for a text model the caption of example ``i mod n`` of the validation data (else the training data). Sampling
+runs with the EMA weights when the model keeps EMA, in eval mode, through the generation library
 (:func:`ldmcli.pipelines.generation.generate`).
 
 The reference is ``eval_ref`` (a folder of images, an ``.npz`` of images or of statistics, as ``ldm eval samples
