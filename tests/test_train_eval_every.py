@@ -233,3 +233,37 @@ def test_samples_go_through_inception_a_batch_at_a_time(tmp_path, monkeypatch):
     feats, logits = writer.result()
     assert fake.sizes == [2, 2, 1] and feats[:, 0].tolist() == [0, 1, 2, 3, 4] and logits.shape == (5, 1008)
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [f"{k:05d}.png" for k in range(5)]
+
+
+@pytest.mark.slow  # a VQ first stage, a text LDM and one FID evaluation: 15 s of CPU, 33 s on the loaded machine
+def test_text_model_is_prompted_with_the_data_captions_and_guided(images, inception_file, tmp_path, monkeypatch):
+    from conftest import BERT_VOCAB
+
+    from ldmcli import store
+    from ldmcli.output import read_metadata
+    from ldmcli.training.data import ImageFolder
+    from ldmcli.training.run import train
+
+    install_inception(inception_file)
+    vocab = tmp_path / "bert"
+    vocab.mkdir()
+    (vocab / "vocab.txt").write_bytes(BERT_VOCAB.read_bytes())
+    asset_path = store.asset_path
+    monkeypatch.setattr(store, "asset_path", lambda name, **kw: vocab if name.startswith("bert") else
+                        asset_path(name, **kw))
+    for i, p in enumerate(sorted(images.rglob("*.png"))[:-1]):
+        p.with_suffix(".txt").write_text(f"a picture number {i}")
+    vq = train("autoencoder", Path(__file__).parent / "fixtures" / "train" / "tiny-vq.yaml", data_root=images,
+               logdir=tmp_path / "logs", overrides={"max_steps": 1, "log_images_every": 0})
+    ref = _validation_folder(images, tmp_path / "ref")
+    events: list = []
+    run = train("ldm", Path(__file__).parent / "fixtures" / "train" / "tiny-txt.yaml", data_root=images,
+                first_stage=str(vq.checkpoint), logdir=tmp_path / "logs", callback=events.append,
+                overrides={"max_steps": 1, "cond_drop": 0.5, "log_images_every": 0, "eval_every": 1,
+                           "eval_samples": 3, "eval_steps": 2, "eval_scale": 2.0, "eval_ref": str(ref)})
+    (evaluation,) = [e for e in events if e.kind == "evaluation"]
+    assert evaluation.step == 1 and math.isfinite(evaluation.metrics["val/fid"])
+    captions = ImageFolder(images, 16).captions
+    meta = [read_metadata(p) for p in sorted((run.run_dir / "eval" / "samples").glob("*.png"))]
+    assert [m["prompt"] for m in meta] == captions[:3] and {m["scale"] for m in meta} == {2.0}
+    assert json.loads((run.run_dir / "eval" / "latest.json").read_text())["reference"] == str(ref.resolve())
