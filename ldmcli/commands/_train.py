@@ -19,6 +19,22 @@ ValFractionOption = Annotated[Optional[float], typer.Option("--val-fraction", he
 ValEveryOption = Annotated[Optional[int], typer.Option("--val-every", help="Steps between validations (default "
                                                        "500, and at the end).")]
 
+EvalEveryOption = Annotated[Optional[int], typer.Option("--eval-every", help="Steps between FID evaluations (and at "
+                                                        "the end) of --eval-samples images: val/fid (LDMs), val/rfid "
+                                                        "(autoencoders).")]
+EvalSamplesOption = Annotated[Optional[int], typer.Option("--eval-samples", help="Images per FID evaluation: sampled "
+                                                          "with seeds 0..K-1 (LDMs), or K validation images "
+                                                          "reconstructed (autoencoders); at least 2.")]
+EvalRefOption = Annotated[Optional[Path], typer.Option("--eval-ref", help="FID reference: a folder of images, an .npz "
+                                                       "of images or statistics (default: the validation data, else "
+                                                       "the training data).")]
+EvalSamplerOption = Annotated[Optional[str], typer.Option("--eval-sampler", help="Sampler of the FID samples (default "
+                                                          "ddim, eta 1, as ldm eval model; auto: fewest steps).")]
+EvalStepsOption = Annotated[Optional[int], typer.Option("--eval-steps", help="Sampler steps of the FID samples "
+                                                        "(default 50).")]
+EvalScaleOption = Annotated[Optional[float], typer.Option("--eval-scale", help="Guidance scale of the FID samples "
+                                                          "(default 1).")]
+
 
 class Renderer:
     """Turns the library's progress events into a rich progress bar (terminal) or plain lines (logs)."""
@@ -29,6 +45,7 @@ class Renderer:
         self.progress = None
         self.task = None
         self.last_line = -1
+        self.downloads: set[str] = set()
 
     def __call__(self, event: Any) -> None:
         kind = event.kind
@@ -47,6 +64,18 @@ class Renderer:
             best = f"  (new best: {event.path})" if event.path else f"  (best {event.best:.4f} at step " \
                 f"{event.best_step})" if event.best is not None else ""
             self._print(f"validation at step {event.step}: {values}{best}")
+        elif kind == "evaluation":
+            shown = ("val/fid", "val/kid", "val/rfid", "val/psnr")
+            values = "  ".join(f"{k} {v:.4g}" for k, v in event.metrics.items() if k in shown)
+            what = ("rFID", "reconstructions") if "val/rfid" in event.metrics else ("FID", "samples")
+            self._print(f"{what[0]} at step {event.step}: {values}  ({event.examples} {what[1]} in "
+                        f"{event.seconds:.1f} s, kept in {event.path})")
+        elif kind == "download":
+            if event.path not in self.downloads:
+                self.downloads.add(event.path)
+                self._print(f"downloading {event.path} (Inception weights for FID; ldm download inception)")
+            if event.total and event.done == event.total:
+                self._print(f"downloaded {event.path} ({event.total / 1e6:.1f} MB)")
         elif kind == "start" and self.interactive:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -83,8 +112,8 @@ def run_command(kind: str, *, config: Optional[str], resume: Optional[Path], dat
     """Parse nothing more: build the request from the options, run it, render its events, print the run folder."""
     from ldmcli.training.run import TrainRequest, run_training
 
-    overrides = {k: v for k, v in dict(settings, cond_drop=cond_drop, val_fraction=val_fraction,
-                                       val_every=val_every).items() if v is not None}
+    overrides = {k: str(v) if isinstance(v, Path) else v for k, v in dict(
+        settings, cond_drop=cond_drop, val_fraction=val_fraction, val_every=val_every).items() if v is not None}
     if record_examples:
         overrides["record_examples"] = True
     request = TrainRequest(kind, config, resume=resume, overrides=overrides, data_root=data, val_data=val_data,

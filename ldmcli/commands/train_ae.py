@@ -23,6 +23,8 @@ def register(app: typer.Typer) -> None:
         val_data: _train.ValDataOption = None,
         val_fraction: _train.ValFractionOption = None,
         val_every: _train.ValEveryOption = None,
+        eval_every: _train.EvalEveryOption = None,
+        eval_samples: _train.EvalSamplesOption = None,
         max_steps: opts.MaxStepsOption = None,
         max_epochs: opts.MaxEpochsOption = None,
         batch_size: opts.BatchSizeOption = None,

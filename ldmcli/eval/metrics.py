@@ -181,25 +181,34 @@ def reference_features(ref: ImageSet | Path, inception: Inception, batch_size: i
 def _reference_features(ref: ImageSet, inception: Inception, batch_size: int,
                         on_event: EventFn | None = None) -> FeatureSet:
     _emit(on_event, "stage", "hash", 0, len(ref), message=f"hashing the reference {ref.source}")
-    digest = hashlib.sha256(f"ldm-eval-v{CACHE_VERSION}|{content_hash(ref)}|{inception.sha256}".encode())
+    return cached_reference(content_hash(ref), len(ref), str(ref.source), inception,
+                            lambda: inception.extract(ref, batch_size, "reference")[0], on_event)
+
+
+def cached_reference(content: str, count: int, source: str, inception: Inception,
+                     extract: Callable[[], torch.Tensor], on_event: EventFn | None = None) -> FeatureSet:
+    """The features of ``count`` reference images whose content hashes to ``content``: from the cache
+    (``<data dir>/cache/eval/<key>.npz``, the key hashing ``content`` and the Inception weights), or ``extract()``-ed
+    and cached. A damaged cache entry is recomputed; a read-only data dir only costs the cache."""
+    digest = hashlib.sha256(f"ldm-eval-v{CACHE_VERSION}|{content}|{inception.sha256}".encode())
     key = digest.hexdigest()[:32]
     cached = cache_path(key)
     if cached.is_file():
         try:
             found = _read_stats_npz(cached)
-            if found.features is not None and len(found.features) == len(ref):
+            if found.features is not None and len(found.features) == count:
                 found.key = key
                 _emit(on_event, "message", "reference", message=f"reference features from the cache ({cached})")
                 return found
         except (OSError, ValueError, UsageError):
             pass  # a damaged cache entry is recomputed and replaced
-    feats, _ = inception.extract(ref, batch_size, "reference")
+    feats = extract()
     stats = fidelity.fid_statistics(feats)
     try:
         _save_npz(cached, features=feats.numpy(), mu=stats["mu"], sigma=stats["sigma"], count=np.int64(len(feats)),
-                  source=np.array(str(ref.source)))
+                  source=np.array(source))
     except OSError:
-        pass  # a read-only data dir only costs the cache
+        pass
     return FeatureSet(len(feats), stats, feats, None, key, False)
 
 

@@ -79,8 +79,9 @@ def reconstruct(ae: Any, images: np.ndarray) -> np.ndarray:
     from ldmcli.models.autoencoder import AutoencoderKL
     from ldmcli.output import to_uint8
 
-    device = next(ae.parameters()).device
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().to(device) / 127.5 - 1.0
+    param = next(ae.parameters())
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().to(param.device) / 127.5 - 1.0
+    x = x.to(param.dtype)  # a model trained in bf16-true / 16-true precision holds its weights in that type
     if isinstance(ae, AutoencoderKL):
         out = ae.decode(ae.encode(x).mode())
     else:

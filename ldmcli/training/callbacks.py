@@ -418,3 +418,29 @@ class Validation(EveryNSteps):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("monitor") == self.monitor:
             self.best, self.best_step = state_dict.get("best"), state_dict.get("best_step")
+
+
+class SampleQuality(EveryNSteps):
+    """FID (and KID, IS, precision/recall) of samples every ``every`` steps and at the end, on global rank zero:
+    ``evaluator`` (:class:`ldmcli.training.quality.SampleEvaluator`) samples with fixed seeds, with the EMA weights, in
+    eval mode, without gradients; the training's mode, weights and random streams are restored. The numbers are
+    logged to every logger (``val/fid``, ...) and reported as an ``evaluation`` event."""
+
+    def __init__(self, evaluator: Any, every: int, callback: Progress | None = None,
+                 final_step: int | None = None) -> None:
+        super().__init__(every, self._evaluate, final_step=final_step)
+        self.evaluator = evaluator
+        self.callback = callback
+
+    def _evaluate(self, trainer: L.Trainer, pl_module: Any, step: int) -> None:
+        if not trainer.is_global_zero:
+            return
+        from ldmcli.training.quality import evaluation_mode
+
+        with evaluation_mode(pl_module, pl_module.net):
+            result = self.evaluator(pl_module.net, step)
+        for logger in trainer.loggers:
+            logger.log_metrics({**result.metrics, "epoch": trainer.current_epoch}, log_step(trainer, self.ended))
+        if self.callback:
+            self.callback(TrainEvent("evaluation", step=step, metrics=result.metrics, examples=result.samples,
+                                     seconds=result.seconds, path=str(result.folder)))

@@ -15,6 +15,7 @@ Command-line options override the file.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,12 @@ class TrainSettings:
     record_examples: bool = False
     val_every: int = 500
     val_fraction: float = 0.0
+    eval_every: int = 0
+    eval_samples: int = 0
+    eval_ref: str | None = None
+    eval_sampler: str = "ddim"
+    eval_steps: int = 50
+    eval_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -128,6 +135,7 @@ def _check_settings(r: Any, s: TrainSettings, where: str) -> TrainSettings:
         raise bad("val_fraction", f"must be in [0, 1), not {s.val_fraction}")
     if not 0.0 <= s.cond_drop < 1.0:
         raise bad("cond_drop", f"must be in [0, 1), not {s.cond_drop}")
+    _check_eval(s, bad)
     devices = s.devices
     if isinstance(devices, bool) or not (
         (isinstance(devices, int) and devices >= 1) or devices == "auto"
@@ -136,6 +144,24 @@ def _check_settings(r: Any, s: TrainSettings, where: str) -> TrainSettings:
         raise bad("devices", f"must be a positive number, a list of device indices or 'auto', not {devices!r}")
     return dataclasses.replace(s, precision=str(s.precision),
                                devices=list(devices) if isinstance(devices, tuple) else devices)
+
+
+def _check_eval(s: TrainSettings, bad: Any) -> None:
+    """FID during training: both of ``eval_every`` (steps) and ``eval_samples`` (images, at least 2), or neither."""
+    if s.eval_every < 0:
+        raise bad("eval_every", "must be 0 (off) or a positive integer")
+    if s.eval_samples < 0:
+        raise bad("eval_samples", "must be 0 (off) or at least 2")
+    if s.eval_every and not s.eval_samples:
+        raise bad("eval_every", "needs eval_samples too (how many images to sample for FID)")
+    if s.eval_samples and not s.eval_every:
+        raise bad("eval_samples", "needs eval_every too (how many steps between FID evaluations)")
+    if s.eval_samples == 1:
+        raise bad("eval_samples", "must be at least 2 (FID compares two sets' covariances)")
+    if s.eval_steps < 1:
+        raise bad("eval_steps", "must be at least 1")
+    if not math.isfinite(s.eval_scale):
+        raise bad("eval_scale", f"must be a number, not {s.eval_scale}")
 
 
 def parse_settings(value: Any, source: str, where: str = "training", base: TrainSettings | None = None) -> TrainSettings:

@@ -18,6 +18,9 @@ class TrainEvent:
     * ``images``: ``path`` (the folder), ``step``;
     * ``validation``: ``step``, ``metrics`` (``val/...`` means), ``monitor``, ``best``, ``best_step``, and ``path``
       of ``best.ckpt`` when this evaluation improved on the best;
+    * ``evaluation``: ``step``, ``metrics`` (``val/fid``, ``val/kid``, ...), ``examples`` (images sampled),
+      ``seconds``, ``path`` (the folder of the samples);
+    * ``download``: ``path`` (the file), ``done`` and ``total`` bytes (the Inception weights of FID evaluations);
     * ``extract``: ``path`` of an archive being unpacked (ImageNet preparation).
     """
 
@@ -38,6 +41,8 @@ class TrainEvent:
     monitor: str | None = None
     best: float | None = None
     best_step: int | None = None
+    seconds: float | None = None
+    done: int | None = None
 
 
 Progress = Callable[[TrainEvent], None]

@@ -9,6 +9,7 @@ Run folder (upstream main.py's layout)::
         model.ckpt             weights and config only, written when training ends
         metrics.csv            (+ TensorBoard event files when tensorboard is installed)
         images/train/*.png     reconstructions (autoencoders) or samples (LDMs)
+        eval/samples/*.png     with --eval-every: the latest FID evaluation's samples (eval/latest.json: its numbers)
 
 DDP runs relaunch the command once per extra process (Lightning's subprocess launcher); those processes find the
 run folder in ``LDMCLI_RUN_DIR`` and write nothing but their share of checkpoints' collective calls.
@@ -433,6 +434,8 @@ def _plan(req: TrainRequest, callback: Progress | None) -> _Plan:
         from ldmcli.training.config import _check_settings, _reader
 
         settings = _check_settings(_reader("the command line"), dataclasses.replace(settings, **overrides), "")
+    if settings.eval_ref is not None:  # absolute: train.yaml is read back by --resume from anywhere
+        settings = dataclasses.replace(settings, eval_ref=str(Path(settings.eval_ref).expanduser().resolve()))
     if settings.max_steps is None and settings.max_epochs is None:
         raise UsageError("set how long to train: --max-steps or --max-epochs (or max_steps in the config)")
     if ckpt_path is not None and settings.max_steps is not None:
@@ -580,9 +583,14 @@ def run_training(req: TrainRequest, callback: Progress | None = None) -> RunResu
     if lr_base is None:
         raise UsageError("the config has no base_learning_rate")
 
+    # ---- FID during training: settings, reference and Inception weights checked before the data is scanned
+    from ldmcli.training import quality
+
+    checked = quality.check(req.kind, cfg.settings, cfg.model, callback)
     # ---- data (built before any folder is written: a missing or empty dataset fails here)
     dataset, val_dataset = _datasets(plan, callback)
     warning = _cpu_precision_warning(plan.accelerator, cfg.settings.precision)
+    quality_plan = quality.prepare(checked, cfg.settings, cfg.model, dataset, val_dataset, cfg.data.batch_size)
 
     # ---- Lightning only from here on (_fit): a bad config or data folder fails in about a second
     env_run_dir = os.environ.get(RUN_DIR_ENV)
@@ -596,7 +604,7 @@ def run_training(req: TrainRequest, callback: Progress | None = None) -> RunResu
         run_dir = claim_run_dir(req.logdir, req.name or cfg.name)
         claimed = True
     try:
-        return _fit(req, plan, run_dir, is_child, dataset, val_dataset, warning, lr_base, callback)
+        return _fit(req, plan, run_dir, is_child, dataset, val_dataset, warning, lr_base, callback, quality_plan)
     except BaseException:
         if claimed:
             _release(run_dir)  # only when still empty: a run that started keeps its checkpoints
@@ -604,7 +612,7 @@ def run_training(req: TrainRequest, callback: Progress | None = None) -> RunResu
 
 
 def _fit(req: TrainRequest, plan: _Plan, run_dir: Path, is_child: bool, dataset: Any, val_dataset: Any,
-         warning: str | None, lr_base: float, callback: Progress | None) -> RunResult:
+         warning: str | None, lr_base: float, callback: Progress | None, quality_plan: Any = None) -> RunResult:
     """Build the Trainer, the loaders, the callbacks and the module in ``run_dir``, then train."""
     import lightning as L
     import torch
@@ -674,9 +682,14 @@ def _fit(req: TrainRequest, plan: _Plan, run_dir: Path, is_child: bool, dataset:
                                                  num_workers=min(workers, 2), collate_fn=data_mod.collate)
         callbacks.append(cb.Validation(val_loader, settings.val_every, _monitor(kind, net), ckpt_dir, settings.seed,
                                        callback, final_step=max_steps))
+    if quality_plan is not None:
+        from ldmcli.training.quality import SampleEvaluator
+
+        callbacks.append(cb.SampleQuality(SampleEvaluator(quality_plan, run_dir, callback), quality_plan.every,
+                                          callback, final_step=max_steps))
     callbacks.append(cb.Checkpointer(ckpt_dir, settings.checkpoint_every, settings.keep_every, callback,
                                      final_step=max_steps))
-    trainer.callbacks.extend(callbacks)  # in this order: EMA, data order, logs, validation, then the checkpoint
+    trainer.callbacks.extend(callbacks)  # in this order: EMA, data order, logs, validation, FID, the checkpoint
     if kind == "autoencoder":
         _lpips_weights(net, callback)
         module: Any = AutoencoderModule(net, lr, seed=settings.seed, accumulate=settings.accumulate,
