@@ -762,6 +762,8 @@ def decode_latents(
     first_stage = _first_stage(model)
     if first_stage is None:
         raise UsageError("decode_latents needs a model with a first stage")
+    if z.device.type == "cpu":  # the sampling loop's freed activations, kept by the C heap: not under the decoder's
+        _trim_heap()
     dtype = network_dtype(first_stage)
     if channels_last is None:
         fp = getattr(model, "fast_path", {})
