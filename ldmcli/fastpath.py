@@ -126,9 +126,10 @@ class PackedConv2d(nn.Conv2d):
     format that kernel wants, from the shapes given at packing time, and a weight packed for other shapes makes it
     fall back to a slow kernel for some of them (measured, 1 thread: a 2048->1280 3x3 convolution over 4x4 pixels
     packed for 16x16 inputs took 1.30 s a call on AVX2 against 20 ms packed for 4x4; a 1x1 2560->1280 packed for 8x8
-    took 150-200 ms at 4x4 against 1-3 ms, on AVX-512 too). A call with a new input shape packs again (from the dense
-    weight, or from the packed one when that is the only copy); a sampling loop calls each convolution with one
-    shape, so that happens once.
+    took 150-200 ms at 4x4 against 1-3 ms, on AVX-512 too). A call with new channels or pixels packs again (from the
+    dense weight, or from the packed one when that is the only copy); a sampling loop calls each convolution with
+    one shape, so that happens once. Another batch size alone does not repack (it changed little in the same
+    measurements), so a last, smaller batch of patches or images does not repack twice per step.
 
     Two ways to hold the weight:
 
@@ -180,7 +181,7 @@ class PackedConv2d(nn.Conv2d):
         shape = tuple(x.shape)
         cache = self.__dict__.get("_ldm_packed")
         if self.dense_released:
-            if cache[0] != shape:  # the only copy is packed for other inputs: pack it again for these
+            if cache[0][1:] != shape[1:]:  # the only copy is packed for other inputs: pack it again for these
                 packed = self._reorder(self.dense_weight(), list(shape))
                 if packed is None:
                     return cache[1]
@@ -189,7 +190,7 @@ class PackedConv2d(nn.Conv2d):
             return cache[1]
         w = self.weight
         key = (_weight_key(w), shape)
-        if cache is None or cache[0] != key:
+        if cache is None or cache[0][0] != key[0] or cache[0][1][1:] != shape[1:]:
             packed = self._reorder(w, list(shape))
             if packed is not None and self.__dict__.get("_ldm_release_on_pack"):
                 self._release_dense(packed, shape)

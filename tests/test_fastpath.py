@@ -424,6 +424,9 @@ def test_weight_held_only_packed_comes_back_for_everything_that_reads_it():
         assert rel(conv(small), plain(small)) < 1e-6
         assert conv.__dict__["_ldm_packed"][0] == (1, 8, 5, 7) and conv.dense_released
         assert rel(conv(x), plain(x)) < 1e-6
+        packed = conv.__dict__["_ldm_packed"]
+        assert rel(conv(x[:1]), plain(x[:1])) < 1e-6  # another batch size alone: no repacking
+        assert conv.__dict__["_ldm_packed"] is packed
     assert torch.equal(conv.state_dict()["weight"], plain.weight)
     assert fastpath.is_channels_last(conv)
     copied = copy.deepcopy(conv)
