@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import sys
 from pathlib import Path
 from typing import Any
@@ -203,7 +204,9 @@ def file_digest(path: Path, algorithm: str) -> str:
 
 
 def convert_file(torchscript: Path, out: Path, tolerance: float = 1e-4, log: Any = print) -> Path:
-    """Convert, prove, and only then publish ``out`` (atomically)."""
+    """Convert, prove, and only then publish ``out`` (atomically). The bytes depend on the source only (saved through
+    a buffer: ``torch.save`` to a path names the archive after the file), so the same source always gives the same
+    sha256, and ``ldm eval``'s reference cache, keyed by it, is reused."""
     from ldmcli.fileio import atomic_path
 
     sha1 = file_digest(torchscript, "sha1")
@@ -212,8 +215,10 @@ def convert_file(torchscript: Path, out: Path, tolerance: float = 1e-4, log: Any
     ts = torch.jit.load(str(torchscript), map_location="cpu").eval()
     state = convert_state(dict(ts.state_dict()))
     log(f"mapped {4 * len(layer_names())} tensors of {len(layer_names())} conv+BN layers; no logits layer (fc)")
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     with atomic_path(out) as tmp:
-        torch.save(state, tmp)
+        tmp.write_bytes(buffer.getvalue())
         prove(ts, tmp, tolerance, log)
     log(f"wrote {out} (sha256 {file_digest(out, 'sha256')})")
     return out
