@@ -217,6 +217,80 @@ def test_weights_come_through_the_store_from_a_mirror(cli, mirror, inception_fil
     assert any(k.endswith(fidelity.WEIGHTS_FILE) for k in manifest["files"])
 
 
+# ------------------------------------------------------------------- explicit weights (e.g. without logits layer)
+
+
+@pytest.fixture(scope="session")
+def pool_only_file(inception_file, tmp_path_factory) -> Path:
+    """The random-weight file without its logits layer, as a conversion from a pool-features-only port writes it."""
+    state = torch.load(inception_file, map_location="cpu", weights_only=True)
+    for key in fidelity.LOGITS_LAYER:
+        del state[key]
+    path = tmp_path_factory.mktemp("pool") / "inception-pool.pth"
+    torch.save(state, path)
+    return path
+
+
+def test_weights_without_logits_layer_give_the_same_pool_features_and_no_inception_score(
+        inception_file, pool_only_file, tmp_path):
+    images = np.random.RandomState(5).randint(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    full = fidelity.load_inception(path=inception_file)
+    full_out = fidelity.inception_features(full, images)
+    pool = fidelity.load_inception(path=pool_only_file)
+    out = fidelity.inception_features(pool, images)
+    assert fidelity.has_logits(full) and not fidelity.has_logits(pool)
+    assert set(out) == {fidelity.POOL} and torch.equal(out[fidelity.POOL], full_out[fidelity.POOL])
+    assert not [n for n, _ in pool.named_parameters() if n.startswith("fc.")]  # no untrained layer left behind
+    a, b = write_images(tmp_path / "a", 4, seed=1), write_images(tmp_path / "b", 4, seed=2, dark=True)
+    m = evaluate_samples(a, b, batch_size=4, inception_weights=pool_only_file)
+    assert m.is_mean is None and m.is_std is None and "no logits layer" in m.skipped["is"]
+    assert m.fid > 0 and m.kid_mean is not None and m.precision is not None and m.recall is not None
+    assert m.inception_sha256 == hashlib.sha256(pool_only_file.read_bytes()).hexdigest()
+    assert not zoo.get("inception").local_dir().exists()  # the store was neither read nor filled
+
+
+def test_bad_explicit_weights_are_one_line_errors_before_any_work(inception_file, tmp_path):
+    from ldmcli.errors import CheckpointError
+
+    a = write_images(tmp_path / "a", 2, seed=1)
+    state = torch.load(inception_file, map_location="cpu", weights_only=True)
+    half = {k: v for k, v in state.items() if k != "fc.bias"}
+    unexpected = {**{k: v for k, v in state.items() if not k.startswith("fc.")}, "extra.weight": torch.zeros(1)}
+    wrong = {**state, "Conv2d_1a_3x3.conv.weight": torch.zeros(3, 3, 3, 3)}
+    cases = {"missing.pth": (None, "missing"), "half.pth": (half, "half of the logits layer"),
+             "extra.pth": (unexpected, "does not fit"), "wrong.pth": (wrong, "does not fit")}
+    for name, (content, message) in cases.items():
+        if content is not None:
+            torch.save(content, tmp_path / name)
+        with pytest.raises(CheckpointError, match=message) as e:
+            evaluate_samples(a, a, batch_size=2, inception_weights=tmp_path / name)
+        text = str(e.value)
+        assert "\n" not in text and "ldm download inception" in text and "--force" not in text, text
+
+
+def test_torchscript_conversion_maps_every_layer_of_torch_fidelity_s_inception(inception_file, pool_only_file):
+    """benchmarks/inception_from_torchscript.py: fid-helper's TorchScript layout (built here from the random file by
+    the inverse mapping) converts to exactly torch-fidelity's state dict without fc, and nothing is left over."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "inception_from_torchscript", Path(__file__).resolve().parents[1] / "benchmarks/inception_from_torchscript.py")
+    conv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conv)
+    state = torch.load(pool_only_file, map_location="cpu", weights_only=True)
+    source = {f"{conv.SOURCE_PREFIX}{src}.{part}": state[f"{dst}.{name}"]
+              for src, dst in conv.layer_names().items() for part, name in conv.SOURCE_TENSORS.items()}
+    assert len(source) == 376  # the TorchScript's tensor count: 94 conv+BN layers
+    out = conv.convert_state(source)
+    assert set(out) == set(state)  # every tensor of torch-fidelity's Inception but fc
+    assert all(torch.equal(out[k], v) for k, v in state.items())  # random file: BN scale 1, as the TF graph's
+    # the semantics (same features as the real TorchScript) are the script's own proof, on the real file
+    with pytest.raises(ValueError, match="no place"):
+        conv.convert_state({**source, "net.layers.fc.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="has no net.layers.mixed_10.conv.weight"):
+        conv.convert_state({k: v for k, v in source.items() if k != "net.layers.mixed_10.conv.weight"})
+
+
 # ---------------------------------------------------------------------------------------------------- ldm eval ae
 
 

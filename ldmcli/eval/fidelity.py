@@ -7,6 +7,10 @@ prefix), fetched through :mod:`ldmcli.store` and handed to torch-fidelity by pat
 itself. Before torch-fidelity reads the file (it unpickles it), we read it once with ``weights_only=True``: a corrupt
 or foreign file is a one-line error here, and no pickled code ever runs.
 
+An explicit weight file (``path=``, e.g. one converted from another port of the same TF graph) may lack the logits
+layer (``fc``): the network then yields the 2048-d pool features only (FID, KID, precision/recall) and no logits, so
+no Inception Score is computed from it -- nothing stands in for the missing layer.
+
 torchvision: torch-fidelity imports it at package import, but the Inception extractor and the metric functions
 never use it (only its CIFAR/STL datasets and its CLIP/DINOv2/VGG extractors do). Where torchvision is not
 installed (a CPU-only torch from the PyTorch CPU index has no torchvision on PyPI that loads with it: PyPI's is a
@@ -34,7 +38,9 @@ from ldmcli.errors import CheckpointError, LdmError
 ASSET = "inception"
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 #: the features ldm eval uses: the 2048-d pool features (FID, KID, precision/recall) and the logits (IS)
-FEATURES = ("2048", "logits_unbiased")
+POOL, LOGITS = "2048", "logits_unbiased"
+FEATURES = (POOL, LOGITS)
+LOGITS_LAYER = ("fc.weight", "fc.bias")
 INSTALL_HINT = "pip install --no-deps 'torch-fidelity==0.4.0' (or pip install 'ldmcli[eval]' where torchvision " \
                "matches your torch)"
 
@@ -135,39 +141,78 @@ def weights_path(progress: Any = None) -> Path:
     return store.asset_path(ASSET, progress=progress) / WEIGHTS_FILE
 
 
-def _check_weights(path: Path) -> None:
-    """Read the file without running pickled code; a corrupt or foreign file is a one-line error."""
-    fix = f"run 'ldm download {ASSET} --force' to fetch it again"
+def _fix(from_store: bool) -> str:
+    if from_store:
+        return f"run 'ldm download {ASSET} --force' to fetch it again"
+    return f"give torch-fidelity's Inception weight file ('ldm download {ASSET}' fetches it)"
+
+
+def check_weights(path: Path, from_store: bool = True) -> bool:
+    """Read the file without running pickled code; a corrupt or foreign file is a one-line error. Returns whether it
+    holds the logits layer (``fc``, for the Inception Score)."""
+    fix = _fix(from_store)
     if not path.is_file():
-        raise CheckpointError(f"Inception weights missing: {path}; run 'ldm download {ASSET}'")
+        raise CheckpointError(f"Inception weights missing: {path}; " +
+                              (f"run 'ldm download {ASSET}'" if from_store else fix))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 (truncated zip, not a torch file, a pickle of arbitrary objects)
         raise CheckpointError(f"cannot read the Inception weights {path} ({type(e).__name__}): {fix}") from None
-    if not isinstance(state, dict) or "fc.weight" not in state or "Conv2d_1a_3x3.conv.weight" not in state:
+    if not isinstance(state, dict) or "Conv2d_1a_3x3.conv.weight" not in state:
         raise CheckpointError(f"{path} is not torch-fidelity's Inception state dict: {fix}")
+    logits = [k in state for k in LOGITS_LAYER]
+    if any(logits) and not all(logits):
+        raise CheckpointError(f"{path} holds half of the logits layer ({', '.join(LOGITS_LAYER)}): {fix}")
+    return all(logits)
+
+
+def _pool_only_class(base: type) -> type:
+    """torch-fidelity's Inception for a state dict without the logits layer: every other tensor is loaded strictly
+    and ``fc`` is removed, so nothing can compute logits from its untrained initial weights."""
+
+    class InceptionPoolFeatures(base):  # type: ignore[misc, valid-type]
+        def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+            result = super().load_state_dict(state_dict, strict=False, assign=assign)
+            missing = [k for k in result.missing_keys if k not in LOGITS_LAYER]
+            if missing or result.unexpected_keys:
+                raise RuntimeError(f"missing keys {missing[:3]}, unexpected keys {result.unexpected_keys[:3]}")
+            del self.fc
+            return result
+
+    return InceptionPoolFeatures
 
 
 def load_inception(device: torch.device | str = "cpu", progress: Any = None,
-                   path: str | os.PathLike | None = None) -> torch.nn.Module:
+                   path: str | os.PathLike | None = None, *, from_store: bool | None = None) -> torch.nn.Module:
     """torch-fidelity's ``FeatureExtractorInceptionV3`` with the store's weights (or ``path``), producing
-    :data:`FEATURES` for uint8 ``[n, 3, h, w]`` batches (it resizes to 299x299 as TF did)."""
+    :data:`FEATURES` for uint8 ``[n, 3, h, w]`` batches (it resizes to 299x299 as TF did); only the pool features
+    (:data:`POOL`) when the file has no logits layer (see :func:`has_logits`). ``from_store`` (default: ``path`` is
+    None) picks the advice of the error messages."""
     lib = library()
+    from_store = path is None if from_store is None else from_store
     path = Path(path) if path is not None else weights_path(progress)
     stat = path.stat() if path.is_file() else None
     key = (str(path.resolve()), stat.st_size if stat else -1, stat.st_mtime_ns if stat else -1, str(device))
     if key in _NETS:
         return _NETS[key]
-    _check_weights(path)
+    with_logits = check_weights(path, from_store)
+    cls = lib["FeatureExtractorInceptionV3"]
     try:
-        net = lib["FeatureExtractorInceptionV3"]("inception-v3-compat", list(FEATURES),
-                                                  feature_extractor_weights_path=str(path))
+        if with_logits:
+            net = cls("inception-v3-compat", list(FEATURES), feature_extractor_weights_path=str(path))
+        else:
+            net = _pool_only_class(cls)("inception-v3-compat", [POOL], feature_extractor_weights_path=str(path))
     except (RuntimeError, ValueError) as e:
-        raise CheckpointError(f"{path} does not fit torch-fidelity's Inception ({str(e).splitlines()[0]}): run "
-                              f"'ldm download {ASSET} --force'") from None
+        raise CheckpointError(f"{path} does not fit torch-fidelity's Inception ({str(e).splitlines()[0]}): "
+                              f"{_fix(from_store)}") from None
     _NETS.clear()  # one network at a time (95 MB)
     _NETS[key] = net.to(device)
     return _NETS[key]
+
+
+def has_logits(net: torch.nn.Module) -> bool:
+    """Whether ``net`` (from :func:`load_inception`) yields logits, i.e. can give an Inception Score."""
+    return LOGITS in net.features_list
 
 
 #: the last network loaded, by (file, size, mtime, device): a sweep measures every setting with one network
@@ -176,11 +221,12 @@ _NETS: dict[tuple[str, int, int, str], torch.nn.Module] = {}
 
 @torch.no_grad()
 def inception_features(net: torch.nn.Module, images: np.ndarray) -> dict[str, torch.Tensor]:
-    """``[n, h, w, 3]`` uint8 images → ``{"2048": [n, 2048], "logits_unbiased": [n, 1008]}`` float32 on the CPU."""
+    """``[n, h, w, 3]`` uint8 images → ``{"2048": [n, 2048], "logits_unbiased": [n, 1008]}`` float32 on the CPU
+    (no ``logits_unbiased`` from a network without the logits layer)."""
     device = next(net.parameters()).device
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous().to(device)
     out = net(x)
-    return {name: t.detach().float().cpu() for name, t in zip(FEATURES, out)}
+    return {name: t.detach().float().cpu() for name, t in zip(net.features_list, out)}
 
 
 # ---------------------------------------------------------------------------------------------------- the metrics

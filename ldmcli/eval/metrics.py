@@ -70,12 +70,18 @@ class FeatureSet:
 
 
 class Inception:
-    """The network, loaded on first use (a cached reference and a statistics file need none)."""
+    """The network, loaded on first use (a cached reference and a statistics file need none). Its weights are the
+    store's ``inception`` asset, or ``weights`` (a file in torch-fidelity's format; one without the logits layer
+    gives no Inception Score)."""
 
-    def __init__(self, device: torch.device | str = "cpu", on_event: EventFn | None = None) -> None:
+    def __init__(self, device: torch.device | str = "cpu", on_event: EventFn | None = None,
+                 weights: str | Path | None = None) -> None:
         self.device = torch.device(device)
         self.on_event = on_event
-        self.path = fidelity.weights_path(download_progress(on_event))
+        self.from_store = weights is None
+        self.path = fidelity.weights_path(download_progress(on_event)) if weights is None else Path(weights)
+        if weights is not None:
+            fidelity.check_weights(self.path, from_store=False)  # a bad explicit file fails before any work
         self._net: torch.nn.Module | None = None
         self._sha: str | None = None
 
@@ -90,26 +96,27 @@ class Inception:
     def net(self) -> torch.nn.Module:
         if self._net is None:
             _emit(self.on_event, "stage", "inception", message="loading Inception")
-            self._net = fidelity.load_inception(self.device, path=self.path)
+            self._net = fidelity.load_inception(self.device, path=self.path, from_store=self.from_store)
         return self._net
 
-    def extract(self, images: ImageSet, batch_size: int, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[n, 2048]`` features and ``[n, 1008]`` logits of every image of the set."""
+    def extract(self, images: ImageSet, batch_size: int, stage: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[n, 2048]`` features and ``[n, 1008]`` logits (None without a logits layer) of every image of the set."""
         _emit(self.on_event, "stage", stage, 0, len(images), message=f"Inception features of {images.source}")
         return self.extract_batches(images.batches(batch_size), len(images), stage)
 
     def extract_batches(self, batches: Iterable[np.ndarray], total: int | None,
-                        stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+                        stage: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Features and logits of ``[b, h, w, 3]`` uint8 batches, with ``progress`` events over ``total`` images."""
         net = self.net()
         feats, logits, done = [], [], 0
         for batch in batches:
             out = fidelity.inception_features(net, batch)
             feats.append(out["2048"])
-            logits.append(out["logits_unbiased"])
+            if fidelity.LOGITS in out:
+                logits.append(out[fidelity.LOGITS])
             done += len(batch)
             _emit(self.on_event, "progress", stage, done, total)
-        return torch.cat(feats), torch.cat(logits)
+        return torch.cat(feats), (torch.cat(logits) if logits else None)
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -255,6 +262,8 @@ def compare(gen: FeatureSet, real: FeatureSet | None, metrics: SampleMetrics, ki
     """Fill ``metrics`` from two feature sets with torch-fidelity's functions (IS from ``gen``'s logits)."""
     if gen.logits is not None:
         metrics.is_mean, metrics.is_std = fidelity.inception_score(gen.logits)
+    else:
+        metrics.skipped["is"] = "the Inception weights have no logits layer"
     if real is None:
         return
     if gen.count < 2 or (real.count is not None and real.count < 2):
@@ -277,10 +286,10 @@ def compare(gen: FeatureSet, real: FeatureSet | None, metrics: SampleMetrics, ki
 
 def evaluate_samples(samples: str | Path, ref: str | Path | None = None, *, batch_size: int = 50,
                      device: torch.device | str = "cpu", kid_subsets: int = 100, limit: int | None = None,
-                     on_event: EventFn | None = None) -> SampleMetrics:
+                     inception_weights: str | Path | None = None, on_event: EventFn | None = None) -> SampleMetrics:
     """FID, IS, KID and precision/recall (k=3) of the images at ``samples`` (the first ``limit`` of them) against
     ``ref`` (IS only without one). Inputs are checked before anything is loaded; Inception's weights come from the
-    store."""
+    store, or from ``inception_weights`` (a file in torch-fidelity's format; without its logits layer, no IS)."""
     if batch_size < 1:
         raise UsageError(f"batch size must be at least 1, got {batch_size}")
     started = time.perf_counter()
@@ -289,7 +298,7 @@ def evaluate_samples(samples: str | Path, ref: str | Path | None = None, *, batc
         gen_set = gen_set.first(limit)
     ref_set = open_reference(ref) if ref is not None else None
     fidelity.library()  # a missing torch-fidelity is an error before any download
-    inception = Inception(device, on_event)
+    inception = Inception(device, on_event, inception_weights)
     real = reference_features(ref_set, inception, batch_size, on_event) if ref_set is not None else None
     gen = sample_features(gen_set, inception, batch_size)
     n_ref = None if real is None else (len(real.features) if real.features is not None else real.count)

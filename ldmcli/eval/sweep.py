@@ -101,9 +101,10 @@ def evaluate_model(model: str, n: int, outdir: str | Path, *, ref: str | Path | 
                    scales: Sequence[float] = (1.0,), steps: Sequence[int] = (50,), samplers: Sequence[str] = ("ddim",),
                    eta: float | None = None, seed: int = 0, batch_size: int = 16, eval_batch_size: int = 50,
                    device: torch.device | str = "cpu", precision: str = "fp32",
-                   on_event: EventFn | None = None) -> SweepResult:
+                   inception_weights: str | Path | None = None, on_event: EventFn | None = None) -> SweepResult:
     """Sample ``n`` images per setting (every combination of ``scales`` x ``steps`` x ``samplers``), measure each
-    setting against ``ref`` and write the table (and plot) into ``outdir``."""
+    setting against ``ref`` and write the table (and plot) into ``outdir``. ``inception_weights``: as for
+    :func:`~ldmcli.eval.metrics.evaluate_samples` (default: the store's)."""
     from ldmcli.eval.sampling import load_for_eval, sample_images, sample_settings
 
     if n < 1:
@@ -128,7 +129,7 @@ def evaluate_model(model: str, n: int, outdir: str | Path, *, ref: str | Path | 
                       batch_size=batch_size,
                       on_event=lambda done, total: _emit(on_event, "progress", "sampling", done, total))
         metrics = evaluate_samples(folder, ref, batch_size=eval_batch_size, device=device, limit=n,
-                                   on_event=on_event)
+                                   inception_weights=inception_weights, on_event=on_event)
         row = {"model": loaded.name, "sampler": sampler, "steps": step, "scale": scale, "folder": str(folder),
                **metrics.record()}
         result.rows.append(row)
