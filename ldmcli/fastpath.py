@@ -405,19 +405,19 @@ class StagePlan:
 
 
 #: Measured choices per CPU kind (``ldmcli.devices.CpuKind.key``) and precision, for the UNet and the first stage;
-#: kinds not listed take ``_CPU_DEFAULT``, channels_last with every convolution packed (1x1 included) for the input
+#: kinds not listed take ``_CPU_FLOAT32`` in float32, else ``_CPU_DEFAULT``: channels_last with every convolution packed (1x1 included) for the input
 #: shape it is called with. UNet step of txt2img-f8-large at 256x256, batch 2, 1 thread, CPU time against the plain
 #: contiguous unpacked UNet, alternated in one process (channels_last + packed, 1x1 left eager / packed too):
 #: AVX512-BF16 fp32 0.72 / 0.70, bf16 0.87 / 0.81; emulated AVX2 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2)
 #: fp32 0.77 / 0.73. (Packing every weight for one fixed 16x16 input instead made oneDNN fall back to a slow kernel
 #: for some shapes on AVX2 -- a 2048->1280 3x3 convolution at 4x4 took 1.30 s a call against 20 ms -- and made the
-#: whole UNet 2.2-2.6x slower than plain there; packing for the call's own shape fixed it.) The decoder on AVX2 in
-#: float32 stays plain: channels_last + packed decoded one 256x256 image in 1.06x the plain decoder's CPU time in
-#: ``txt2img_e2e.py`` (emulated AVX2, packing included), even within noise in steady state, and issue 18's real AVX2
-#: machine measured the fast decoder slower (6.7-7.1 s against 4.5-4.6 s).
-_CPU_PLANS: dict[tuple[str, str], dict[str, StagePlan]] = {
-    ("avx2", "float32"): {"unet": StagePlan(True, True), "first_stage": StagePlan(False, False)},
-}
+#: whole UNet 2.2-2.6x slower than plain there; packing for the call's own shape fixed it.) The decoder in float32
+#: stays plain on every kind: channels_last + packed, it decoded one 256x256 image in 0.91-1.13x the plain decoder's
+#: time across six ``txt2img_e2e.py`` runs (AVX512-BF16 and emulated AVX2, packing included), and issue 18's real
+#: AVX2 machine measured the fast decoder slower (6.7-7.1 s against 4.5-4.6 s); in bf16 it decodes in 0.45-0.58x.
+_CPU_PLANS: dict[tuple[str, str], dict[str, StagePlan]] = {}
+#: float32 on any CPU kind not in ``_CPU_PLANS``
+_CPU_FLOAT32 = {"unet": StagePlan(True, True), "first_stage": StagePlan(False, False)}
 _CPU_DEFAULT = {"unet": StagePlan(True, True), "first_stage": StagePlan(True, True)}
 _OTHER_DEVICE = {"unet": StagePlan(False, False), "first_stage": StagePlan(False, False)}
 
@@ -435,7 +435,7 @@ def choose_plan(device: str | torch.device | None, dtype: torch.dtype | None = N
 
         kind = cpu_kind()
     name = str(dtype if dtype is not None else torch.float32).removeprefix("torch.")
-    plan = dict(_CPU_PLANS.get((kind.key, name), _CPU_DEFAULT))
+    plan = dict(_CPU_PLANS.get((kind.key, name), _CPU_FLOAT32 if name == "float32" else _CPU_DEFAULT))
     if not mkldnn_available():
         plan = {k: StagePlan(v.channels_last, False) for k, v in plan.items()}
     return plan

@@ -104,7 +104,11 @@ def test_every_convolution_sees_one_layout(tiny_txt2img, device):
     x_in = fastpath.fast_layout(model, x)
     with fastpath.inference_context():
         assert _conv_inputs_not_in(model.model, fmt, lambda: model.apply_model(x_in, t, context)) == []
-        assert _conv_inputs_not_in(model.first_stage_model, fmt, lambda: fastpath.decode_latents(model, x)) == []
+        fs_fmt = torch.channels_last if model.fast_path["first_stage_channels_last"] else torch.contiguous_format
+        bad = _conv_inputs_not_in(model.first_stage_model, fs_fmt, lambda: fastpath.decode_latents(model, x))
+    # a plain (contiguous) decoder keeps upstream's attention layout; for a 1x1 kernel both layouts are the same
+    assert all(model.first_stage_model.get_submodule(name).kernel_size == (1, 1) for name in bad)
+    assert bad == [] or fs_fmt == torch.contiguous_format
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -305,9 +309,11 @@ def test_packed_convolution_equals_eager(dtype, cin, cout, k, stride, padding, b
 @needs_mkldnn
 def test_prepare_packs_on_cpu_and_the_weights_follow_a_cast(tiny_txt2img):
     model = fastpath.prepare_for_inference(copy.deepcopy(tiny_txt2img), dtype=torch.float32)
-    convs = [m for m in [*model.model.modules(), *model.first_stage_model.modules()] if isinstance(m, torch.nn.Conv2d)]
+    convs = [m for m in model.model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert model.fast_path["packed_convolutions"] == len(convs) > 0  # 1x1 included (packed for the call's shape)
     assert all(type(m) is fastpath.PackedConv2d for m in convs)
+    # the float32 decoder stays plain (measured no faster packed)
+    assert not any(isinstance(m, fastpath.PackedConv2d) for m in model.first_stage_model.modules())
     assert set(model.state_dict()) == set(tiny_txt2img.state_dict())
     x, t = _inputs(model, "cpu")
     c = torch.randn(2, 77, 64)
@@ -389,6 +395,8 @@ def test_prepare_leaves_one_copy_of_each_weight(tmp_path, dtype):
     assert not any(fastpath._in_file_map(t, maps) for t in tensors)
     assert all(len(group) == 1 for group in holders["dense"])  # one storage per tensor: nothing held twice
     called = (model.model, model.first_stage_model.decoder, model.first_stage_model.post_quant_conv)
+    if not model.fast_path["plan"]["first_stage"].pack:  # the float32 decoder stays plain (dense, one copy)
+        called = called[:1]
     convs = [m for net in called for m in net.modules()
              if isinstance(m, torch.nn.Conv2d)]  # the encoder's are not called: dense, one copy
     assert convs and all(isinstance(m, fastpath.PackedConv2d) and m.dense_released for m in convs)
