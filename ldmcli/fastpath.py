@@ -293,32 +293,23 @@ class PackedConv2d(nn.Conv2d):
         return state
 
 
-def _pointwise(m: nn.Conv2d) -> bool:
-    return tuple(m.kernel_size) == (1, 1)
-
-
-def pack_convolutions(module: nn.Module, *, now: bool = False, release_dense: bool = False,
-                      skip_pointwise: bool = False) -> int:
+def pack_convolutions(module: nn.Module, *, release_dense: bool = False) -> int:
     """Make every plain ``nn.Conv2d`` in ``module`` a :class:`PackedConv2d` (in place); returns how many.
 
-    The class is swapped on the existing objects, so names, parameters and state_dict keys stay as they are. By
-    default each convolution packs on its first call, for that call's input shape, and then holds its weight twice
-    (the parameter and the packed copy). ``release_dense`` keeps only the packed copy from the first packing on (see
-    :class:`PackedConv2d`). ``now`` packs at once, for a default input shape (a call with other shapes packs again).
-    ``skip_pointwise`` leaves 1x1 convolutions eager.
+    The class is swapped on the existing objects, so names, parameters and state_dict keys stay as they are. Each
+    convolution packs on its first call, for that call's input shape, and then holds its weight twice (the
+    parameter and the packed copy); ``release_dense`` keeps only the packed copy from the first packing on (see
+    :class:`PackedConv2d`). :meth:`PackedConv2d.pack_now` packs one at once.
     """
     if not mkldnn_available():
         return 0
     count = 0
     for m in module.modules():
-        if type(m) is nn.Conv2d and not (skip_pointwise and _pointwise(m)):
+        if type(m) is nn.Conv2d:
             m.__class__ = PackedConv2d
             count += 1
-        if type(m) is PackedConv2d:
-            if now:
-                m.pack_now(release_dense=release_dense)
-            elif release_dense:
-                m.release_on_pack()
+        if release_dense and type(m) is PackedConv2d:
+            m.release_on_pack()
     return count
 
 

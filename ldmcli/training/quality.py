@@ -173,8 +173,7 @@ def check(kind: str, settings: Any, model_cfg: Any, callback: Progress | None = 
     reference = metrics.open_reference(settings.eval_ref) if settings.eval_ref is not None else None
     fidelity.library()  # a missing torch-fidelity: one line with the install command
     inception = metrics.Inception("cpu", on_event=_download_events(callback))  # through the store, with progress
-    # read once now, so a corrupt file fails before training (and its error says how to fetch it again)
-    fidelity.load_inception("cpu", path=inception.path, from_store=inception.from_store)
+    inception.net()  # read once now, so a corrupt file fails before training (and says how to fetch it again)
     return QualityCheck(sampler, reference)
 
 
